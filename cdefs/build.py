@@ -1,0 +1,52 @@
+"""The cffi builder: every header module's declarations in one out-of-line API-mode extension.
+
+``setup.py`` names ``cdefs/build.py:ffibuilder`` in ``cffi_modules``; the result is the
+compiled module ``pyvfio_lu._cffi`` exposing ``ffi`` and ``lib``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+HEADER_MODULES = ("liveupdate", "vfio", "iommufd")
+
+_DEFINE = re.compile(r"^#define\s+(\w+)\s+\S.*$", re.M)
+
+
+def _load(name: str):
+    # Loaded by path: setup.py runs this file as a script, not as part of a package.
+    spec = importlib.util.spec_from_file_location(f"_pyvfio_lu_cdefs_{name}", HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def to_cdef(header: str) -> str:
+    """The cffi cdef for a header text: each ``#define NAME value`` becomes ``NAME ...``."""
+    return _DEFINE.sub(lambda m: f"#define {m.group(1)} ...", header)
+
+
+def declared_constants(header: str) -> list[str]:
+    return _DEFINE.findall(header)
+
+
+headers = {name: _load(name).HEADER for name in HEADER_MODULES}
+helpers = _load("helpers")
+
+ffibuilder = FFI()
+for text in headers.values():
+    ffibuilder.cdef(to_cdef(text))
+ffibuilder.cdef(helpers.CDEF)
+ffibuilder.set_source(
+    "pyvfio_lu._cffi",
+    helpers.SOURCE + "\n".join(headers.values()),
+    extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

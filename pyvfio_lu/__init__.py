@@ -1,0 +1,47 @@
+"""pyvfio_lu: Python bindings for Linux VFIO and the Live Update Orchestrator (LUO).
+
+The public API, imported lazily so ``import pyvfio_lu`` stays cheap:
+
+- :class:`LiveUpdate`, :class:`Session` (``pyvfio_lu.luo``): /dev/liveupdate and sessions;
+- :class:`Memfd` (``pyvfio_lu.memfd``): memfds to preserve, with verification;
+- :class:`Holder` (``pyvfio_lu.holder``): keep session fds alive until the kexec;
+- ``pyvfio_lu.kexec``: load a kernel with ``kexec_file_load`` and reboot into it;
+- :class:`VfioDevice`, :class:`Iommu` (``pyvfio_lu.vfio``): the VFIO device in any IOMMU mode;
+- ``pyvfio_lu.errors``: every exception (all ``OSError`` subclasses carrying ``errno``).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "LiveUpdate": "pyvfio_lu.luo",
+    "Session": "pyvfio_lu.luo",
+    "PreservationLost": "pyvfio_lu.luo",
+    "Memfd": "pyvfio_lu.memfd",
+    "Holder": "pyvfio_lu.holder",
+    "daemonize_and_hold": "pyvfio_lu.holder",
+    "VfioDevice": "pyvfio_lu.vfio",
+    "Iommu": "pyvfio_lu.vfio",
+    "status": "pyvfio_lu.status",
+    "kexec": "pyvfio_lu.kexec",
+    "errors": "pyvfio_lu.errors",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyvfio_lu' has no attribute {name!r}")
+    mod = importlib.import_module(module)
+    value = mod if module.rsplit(".", 1)[1] == name else getattr(mod, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

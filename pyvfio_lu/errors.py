@@ -1,0 +1,296 @@
+"""Every failure pyvfio_lu reports: one base class, a named subclass per documented meaning.
+
+All of them subclass ``OSError`` (so ``e.errno`` works and ``except OSError`` still
+catches them), and where a builtin subclass fits (``FileExistsError`` for a taken session
+name, ``FileNotFoundError`` for an unknown token, ...) they subclass that too. Each
+message names the operation, the object it was done to and the errno's symbolic name::
+
+    LIVEUPDATE_IOCTL_CREATE_SESSION on /dev/liveupdate (session 'vm-1'):
+    a session with this name already exists [EEXIST]
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class PyvfioError(OSError):
+    """Base class of every error raised by pyvfio_lu.
+
+    Attributes: ``errno`` (int or None), ``operation`` (the ioctl or call that failed),
+    ``target`` (what it was done to: a path, BDF, session name or token), ``reason``.
+    """
+
+    default_reason = ""
+
+    def __init__(self, err: int | None, operation: str, target: str = "", reason: str = ""):
+        self.operation = operation
+        self.target = target
+        self.reason = reason or self.default_reason or (os.strerror(err) if err else "failed")
+        super().__init__(err, self.reason)
+        # OSError's own constructor may turn (errno, msg) into other attributes; pin ours.
+        self.errno = err
+        self.strerror = self.reason
+
+    @property
+    def errno_name(self) -> str:
+        return _errno.errorcode.get(self.errno, str(self.errno)) if self.errno else "no errno"
+
+    def __str__(self) -> str:
+        where = f" on {self.target}" if self.target else ""
+        return f"{self.operation}{where}: {self.reason} [{self.errno_name}]"
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.errno, self.operation, self.target, self.reason))
+
+
+def _rebuild(cls, err, operation, target, reason):
+    return cls(err, operation, target, reason)
+
+
+# --- generic meanings, by errno --------------------------------------------------------
+class InvalidArgument(PyvfioError):
+    """EINVAL: the kernel rejected an argument (or the call is not valid in this state)."""
+
+
+class ArgumentTooLarge(PyvfioError):
+    """E2BIG: the argument struct is larger than the kernel knows and its tail is not zero."""
+
+    default_reason = "argument larger than the kernel's struct with non-zero trailing bytes"
+
+
+class NotSupported(PyvfioError):
+    """ENOTTY / EOPNOTSUPP: this kernel, driver or file does not implement the request."""
+
+
+class PermissionDenied(PyvfioError, PermissionError):
+    """EPERM / EACCES."""
+
+
+class BadFileDescriptor(PyvfioError):
+    """EBADF: the fd is closed or not usable for this call."""
+
+
+class NotFound(PyvfioError, FileNotFoundError):
+    """ENOENT: the named object (id, IOVA, session, token) does not exist."""
+
+
+class Busy(PyvfioError):
+    """EBUSY: the object is in use."""
+
+
+class Overflow(PyvfioError):
+    """EOVERFLOW: an address or length range wraps or exceeds what the kernel accepts."""
+
+
+class TryAgain(PyvfioError, BlockingIOError):
+    """EAGAIN: transient; the call may succeed if repeated."""
+
+
+class BadAddress(PyvfioError):
+    """EFAULT: a buffer pointer handed to the kernel is not valid."""
+
+
+class NoSpace(PyvfioError):
+    """ENOSPC / ENOMEM: the kernel ran out of room for this object."""
+
+
+# --- Live Update Orchestrator ------------------------------------------------------------
+class LiveUpdateError(PyvfioError):
+    """Base of the LUO-specific errors."""
+
+
+class LiveUpdateNotEnabled(LiveUpdateError, FileNotFoundError):
+    default_reason = (
+        "/dev/liveupdate does not exist: this kernel has no Live Update Orchestrator enabled "
+        "(build with CONFIG_LIVEUPDATE=y and CONFIG_KEXEC_HANDOVER=y, boot with 'kho=on liveupdate=on')"
+    )
+
+
+class LiveUpdateBusy(LiveUpdateError):
+    """/dev/liveupdate is single-open and another open file holds it (``holders`` lists pids)."""
+
+    def __init__(self, err, operation, target="", reason="", holders: tuple[int, ...] = ()):
+        self.holders = tuple(holders)
+        super().__init__(err, operation, target, reason)
+
+
+class IncomingStateFailed(LiveUpdateError):
+    default_reason = (
+        "the state handed over by the previous kernel failed to restore; /dev/liveupdate stays "
+        "unusable for this boot and only a reboot clears it"
+    )
+
+
+class SessionExists(LiveUpdateError, FileExistsError):
+    default_reason = "a session with this name already exists"
+
+
+class NoSuchSession(LiveUpdateError, FileNotFoundError):
+    default_reason = (
+        "no incoming session with this name (this boot did not come from a live update, "
+        "the name is unknown, or the session was already finished or closed)"
+    )
+
+
+class SessionAlreadyRetrieved(LiveUpdateError):
+    default_reason = "the session was already retrieved and its fd is still open (or its finish failed)"
+
+
+class InvalidSessionName(LiveUpdateError, ValueError):
+    default_reason = "session names are 1 to 63 bytes with no NUL"
+
+
+class InvalidToken(LiveUpdateError, ValueError):
+    default_reason = "tokens are unsigned 64-bit integers"
+
+
+class WrongSessionDirection(LiveUpdateError):
+    default_reason = "this call needs the other kind of session (outgoing: created; incoming: retrieved)"
+
+
+class TokenInUse(LiveUpdateError, FileExistsError):
+    default_reason = "this token is already used in this session"
+
+
+class NoSuchToken(LiveUpdateError, FileNotFoundError):
+    default_reason = "no preserved file with this token in the session (unknown, or the session was finished)"
+
+
+class AlreadyPreserved(LiveUpdateError):
+    default_reason = "this file is already preserved (in this or another session; finish its incoming session first)"
+
+
+class NotPreservable(LiveUpdateError):
+    default_reason = "the kernel has no live-update handler for this kind of file"
+
+
+class VfioPreservationUnsupported(NotPreservable):
+    default_reason = (
+        "this kernel cannot preserve VFIO devices across a live update: it lacks "
+        "CONFIG_VFIO_PCI_LIVEUPDATE (the VFIO live-update series is not merged upstream)"
+    )
+
+
+class MemfdFrozen(LiveUpdateError, PermissionError):
+    default_reason = "the memfd is preserved for a live update: its size is frozen until the session is closed or finished"
+
+
+class FinishRefused(LiveUpdateError):
+    default_reason = "a preserved file is not ready to finish (not retrieved, or a VFIO device not yet bound to an iommufd)"
+
+
+class SessionClosed(LiveUpdateError, ValueError):
+    default_reason = "the session object is closed"
+
+
+class KexecError(PyvfioError):
+    """Base of the errors loading or executing a kexec kernel."""
+
+
+class KexecImageTooLarge(KexecError):
+    default_reason = (
+        "kernel and initrd do not fit the KHO scratch area (boot with a larger kho_scratch=)"
+    )
+
+
+class KexecNotPermitted(KexecError, PermissionError):
+    default_reason = "needs CAP_SYS_BOOT (and kexec not disabled by kernel.kexec_load_disabled)"
+
+
+class KexecRefused(KexecError):
+    default_reason = "the kernel refused the kexec reboot (a preserved file failed to freeze; nothing was rebooted)"
+
+
+class LegacyKexecRefused(KexecError, ValueError):
+    default_reason = "the legacy kexec_load path drops all live-update state; only kexec_file_load is used"
+
+
+# --- VFIO / iommufd ------------------------------------------------------------------------
+class VfioError(PyvfioError):
+    """Base of the VFIO- and iommufd-specific errors."""
+
+
+class DevicePreserved(VfioError, Busy):
+    """The device was preserved by a live update and must be retrieved from its session."""
+
+    default_reason = "the device is preserved by a live update: retrieve it from its LUO session"
+
+
+class DeviceNotBound(VfioError):
+    default_reason = "the device fd is not bound to an iommufd yet (VFIO_DEVICE_BIND_IOMMUFD first)"
+
+
+class DeviceFrozen(VfioError):
+    default_reason = "the device fd was frozen by a live update (kexec attempt); close it and open the device again"
+
+
+class GroupNotViable(VfioError):
+    default_reason = "the IOMMU group is not viable: every device in it must be bound to vfio-pci or have no driver"
+
+
+class NotLiveUpdateReady(VfioError):
+    """A precondition for preserving a VFIO device is not met (checked before anything changes)."""
+
+
+class UnsafeOperation(VfioError, ValueError):
+    """A request that would let a device DMA into memory the caller does not own."""
+
+
+class WrongFdKind(PyvfioError, TypeError):
+    default_reason = "this ioctl is not valid on this kind of file descriptor"
+
+
+# errno -> generic class, used when no operation-specific class applies
+BY_ERRNO: dict[int, type[PyvfioError]] = {
+    _errno.EINVAL: InvalidArgument,
+    _errno.E2BIG: ArgumentTooLarge,
+    _errno.ENOTTY: NotSupported,
+    _errno.EOPNOTSUPP: NotSupported,
+    _errno.EPERM: PermissionDenied,
+    _errno.EACCES: PermissionDenied,
+    _errno.EBADF: BadFileDescriptor,
+    _errno.ENOENT: NotFound,
+    _errno.EBUSY: Busy,
+    _errno.EOVERFLOW: Overflow,
+    _errno.EAGAIN: TryAgain,
+    _errno.EFAULT: BadAddress,
+    _errno.ENOSPC: NoSpace,
+    _errno.ENOMEM: NoSpace,
+}
+
+# (operation, errno) -> class, the documented meanings (kernel-contract.md §1-3)
+BY_OPERATION: dict[tuple[str, int], type[PyvfioError]] = {
+    ("open /dev/liveupdate", _errno.ENOENT): LiveUpdateNotEnabled,
+    ("open /dev/liveupdate", _errno.EBUSY): LiveUpdateBusy,
+    ("open /dev/liveupdate", _errno.EIO): IncomingStateFailed,
+    ("LIVEUPDATE_IOCTL_CREATE_SESSION", _errno.EEXIST): SessionExists,
+    ("LIVEUPDATE_IOCTL_RETRIEVE_SESSION", _errno.ENOENT): NoSuchSession,
+    ("LIVEUPDATE_IOCTL_RETRIEVE_SESSION", _errno.EINVAL): SessionAlreadyRetrieved,
+    ("LIVEUPDATE_SESSION_PRESERVE_FD", _errno.EEXIST): TokenInUse,
+    ("LIVEUPDATE_SESSION_PRESERVE_FD", _errno.EBUSY): AlreadyPreserved,
+    ("LIVEUPDATE_SESSION_PRESERVE_FD", _errno.ENOENT): NotPreservable,
+    ("LIVEUPDATE_SESSION_RETRIEVE_FD", _errno.ENOENT): NoSuchToken,
+    ("LIVEUPDATE_SESSION_FINISH", _errno.EBUSY): FinishRefused,
+    ("ftruncate", _errno.EPERM): MemfdFrozen,
+    ("fallocate", _errno.EPERM): MemfdFrozen,
+    ("write", _errno.EPERM): MemfdFrozen,
+    ("kexec_file_load", _errno.EADDRNOTAVAIL): KexecImageTooLarge,
+    ("kexec_file_load", _errno.EPERM): KexecNotPermitted,
+    ("reboot(RB_KEXEC)", _errno.EPERM): KexecNotPermitted,
+    ("open VFIO device", _errno.EBUSY): DevicePreserved,
+    ("VFIO_GROUP_GET_DEVICE_FD", _errno.EBUSY): DevicePreserved,
+}
+
+
+def error_for(err: int, operation: str, target: str = "", reason: str = "", **extra) -> PyvfioError:
+    """The exception for ``errno`` failing ``operation`` on ``target``."""
+    cls = BY_OPERATION.get((operation, err)) or BY_ERRNO.get(err) or PyvfioError
+    if operation == "reboot(RB_KEXEC)" and cls is not KexecNotPermitted:
+        cls = KexecRefused
+    elif operation == "kexec_file_load" and not issubclass(cls, KexecError):
+        cls = KexecError
+    if extra:
+        return cls(err, operation, target, reason, **extra)
+    return cls(err, operation, target, reason)

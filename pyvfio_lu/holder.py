@@ -1,0 +1,221 @@
+"""Keep LUO session fds alive until the kexec.
+
+Closing the last fd of an outgoing session un-preserves everything in it, and process exit
+closes fds, so *some* process must hold the session fds at ``reboot(RB_KEXEC)``. Two ways:
+
+- :func:`daemonize_and_hold`: fork a detached child that inherits the fds and sleeps
+  forever (what the kernel's LUO selftests do with ``daemonize_and_wait``);
+- :class:`Holder`: a small daemon (``python -m pyvfio_lu.holder``) listening on a Unix
+  socket; clients hand it named fds (SCM_RIGHTS, peer uid checked) and may fetch them
+  back. It survives its clients, so a test run or an operator script can end before the
+  kexec while the sessions stay preserved.
+
+(The third way, systemd's fd store, is :mod:`pyvfio_lu.sdnotify`.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from . import handoff
+from .errors import PyvfioError, error_for
+from .fd import FileLike, OwnedFd, fileno_of
+
+
+class HolderError(PyvfioError):
+    """The holder daemon could not be started or refused a request."""
+
+
+def daemonize_and_hold(*files: FileLike) -> int:
+    """Fork a detached daemon that keeps ``files`` open and sleeps until killed.
+
+    Returns the daemon's pid. The caller's own copies are untouched: detach and close
+    them (``Session.detach()``) once this returns so only the daemon holds the sessions.
+    """
+    keep = sorted({fileno_of(f) for f in files})
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # first child
+        try:
+            os.setsid()
+            grandchild = os.fork()
+            if grandchild:
+                os.write(w, str(grandchild).encode())
+                os._exit(0)
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for std in (0, 1, 2):
+                os.dup2(devnull, std)
+            _close_all_but(keep + [0, 1, 2])
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            while True:
+                signal.pause()
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r, "rb") as fh:
+        data = fh.read()
+    return int(data) if data else -1
+
+
+def _close_all_but(keep: list[int]) -> None:
+    low = 0
+    for fd in sorted(set(keep)):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
+class Holder:
+    """Client of a holder daemon at ``path``."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    @classmethod
+    def spawn(cls, path: str, timeout: float = 10.0) -> "Holder":
+        """Start a detached holder daemon at ``path`` (replacing a stale socket) and wait for it."""
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        subprocess.Popen(
+            [sys.executable, "-m", "pyvfio_lu.holder", "--socket", path, "--uid", str(os.getuid())],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True, close_fds=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if os.path.exists(path):
+                try:
+                    cls(path).list()
+                    return cls(path)
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        raise HolderError(errno.ETIMEDOUT, "spawn holder", path, f"no holder answered within {timeout} s")
+
+    def _request(self, header: dict[str, Any], fds: list[int] = ()) -> handoff.Message:
+        with handoff.connect(self.path) as sock:
+            handoff.check_peer(sock, os.getuid())
+            handoff.send_message(sock, header, fds)
+            reply = handoff.recv_message(sock)
+        if reply is None:
+            raise HolderError(errno.EPIPE, f"holder {header.get('op')}", self.path, "the holder closed the connection")
+        if not reply.header.get("ok"):
+            reply.close()
+            raise HolderError(errno.EINVAL, f"holder {header.get('op')}", self.path,
+                              reply.header.get("error", "request refused"))
+        return reply
+
+    def hold(self, name: str, file: FileLike, manifest: dict | None = None) -> None:
+        """Give the holder its own reference to ``file`` under ``name``."""
+        self._request({"op": "hold", "names": [name], "manifest": {name: manifest or {}}}, [fileno_of(file)])
+
+    def hold_session(self, session, manifest: dict | None = None) -> None:
+        """Hand a LUO session to the holder and give up this process's fd for it."""
+        files = {f"{t:#x}": what for t, what in session.preserved.items()}
+        info = {"session": session.name, "direction": session.direction, "files": files, **(manifest or {})}
+        self.hold(f"session:{session.name}", session, info)
+        os.close(session.detach())
+
+    def list(self) -> dict[str, dict]:
+        """name -> manifest of everything held."""
+        return self._request({"op": "list"}).header.get("manifest", {})
+
+    def fetch(self, name: str) -> OwnedFd:
+        """A new fd for what the holder keeps under ``name`` (it keeps its own)."""
+        reply = self._request({"op": "fetch", "names": [name]})
+        try:
+            return reply.fds.pop(name)
+        except KeyError:
+            reply.close()
+            raise HolderError(errno.ENOENT, "holder fetch", self.path, f"nothing held as {name!r}") from None
+
+    def release(self, name: str) -> None:
+        """The holder closes what it keeps under ``name`` (for a session: un-preserves it
+        unless another fd for it is open elsewhere)."""
+        self._request({"op": "release", "names": [name]})
+
+    def stop(self) -> None:
+        """Stop the daemon: it closes everything it holds."""
+        self._request({"op": "stop"})
+
+
+def serve(path: str, expected_uid: int | None) -> None:
+    """The holder daemon's loop (``python -m pyvfio_lu.holder``)."""
+    held: dict[str, OwnedFd] = {}
+    manifest: dict[str, dict] = {}
+    server = handoff.listen(path)
+    while True:
+        conn, _ = server.accept()
+        with conn:
+            try:
+                handoff.check_peer(conn, expected_uid)
+                msg = handoff.recv_message(conn)
+            except OSError:
+                continue
+            if msg is None:
+                continue
+            op = msg.header.get("op")
+            names = msg.header.get("names", [])
+            reply: dict[str, Any] = {"ok": True}
+            out_fds: list[int] = []
+            if op == "hold":
+                for name, f in msg.fds.items():
+                    if name in held:
+                        held[name].close()
+                    held[name] = f
+                    manifest[name] = msg.header.get("manifest", {}).get(name, {})
+            elif op == "list":
+                reply["manifest"] = manifest
+            elif op == "fetch":
+                missing = [n for n in names if n not in held]
+                if missing:
+                    reply = {"ok": False, "error": f"not held: {', '.join(missing)}"}
+                else:
+                    reply["names"] = names
+                    out_fds = [held[n].fileno() for n in names]
+            elif op == "release":
+                for n in names:
+                    if n in held:
+                        held.pop(n).close()
+                        manifest.pop(n, None)
+            elif op == "stop":
+                handoff.send_message(conn, reply)
+                for f in held.values():
+                    f.close()
+                server.close()
+                os.unlink(path)
+                return
+            else:
+                reply = {"ok": False, "error": f"unknown op {op!r}"}
+                msg.close()
+            try:
+                handoff.send_message(conn, reply, out_fds)
+            except OSError:
+                pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pyvfio_lu.holder",
+        description="Hold LUO session fds (and any other fds) until the kexec. Clients use pyvfio_lu.holder.Holder.")
+    parser.add_argument("--socket", required=True, help="Unix socket path to listen on (created mode 0600)")
+    parser.add_argument("--uid", type=int, default=os.getuid(), help="only this uid may talk to the holder (default: own uid)")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    serve(args.socket, args.uid)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

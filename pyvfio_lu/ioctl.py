@@ -1,0 +1,201 @@
+"""The one raw ioctl layer every kernel call passes through.
+
+``call(kind, fd, "VFIO_DEVICE_GET_INFO", target=...)`` looks the request up by *fd kind
+and name* (VFIO numbers collide across fd kinds: 0x3B70 is IOMMU_GET_INFO on a container
+and GET_PCI_HOT_RESET_INFO on a device), builds a zeroed argument with its
+``argsz``/``size`` set to the struct's own size, sets the given fields, calls the kernel
+and turns a failure into the named exception from :mod:`pyvfio_lu.errors`.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ._cffi import ffi, lib
+from .errors import WrongFdKind, error_for
+
+
+class FdKind(enum.Enum):
+    LUO_DEVICE = "/dev/liveupdate"
+    LUO_SESSION = "LUO session"
+    VFIO_CONTAINER = "VFIO container"
+    VFIO_GROUP = "VFIO group"
+    VFIO_DEVICE = "VFIO device"
+    IOMMUFD = "iommufd"
+
+
+class Arg(enum.Enum):
+    NONE = "no argument"
+    VALUE = "integer value"
+    INT_PTR = "pointer to int"
+    STRING = "pointer to a NUL-terminated string"
+
+
+@dataclass(frozen=True)
+class Request:
+    name: str
+    number: int
+    arg: str | Arg  # a C struct type name, or an Arg
+    size_field: str | None  # "size" or "argsz" for struct arguments
+
+
+_LUO_DEV = (FdKind.LUO_DEVICE,)
+_LUO_SES = (FdKind.LUO_SESSION,)
+_CONT = (FdKind.VFIO_CONTAINER,)
+_GROUP = (FdKind.VFIO_GROUP,)
+_DEV = (FdKind.VFIO_DEVICE,)
+_IOMMU = (FdKind.IOMMUFD,)
+
+# name, kinds it is valid on, argument (struct name without "struct " or an Arg)
+_TABLE: list[tuple[str, tuple[FdKind, ...], str | Arg]] = [
+    ("LIVEUPDATE_IOCTL_CREATE_SESSION", _LUO_DEV, "liveupdate_ioctl_create_session"),
+    ("LIVEUPDATE_IOCTL_RETRIEVE_SESSION", _LUO_DEV, "liveupdate_ioctl_retrieve_session"),
+    ("LIVEUPDATE_SESSION_PRESERVE_FD", _LUO_SES, "liveupdate_session_preserve_fd"),
+    ("LIVEUPDATE_SESSION_RETRIEVE_FD", _LUO_SES, "liveupdate_session_retrieve_fd"),
+    ("LIVEUPDATE_SESSION_FINISH", _LUO_SES, "liveupdate_session_finish"),
+    ("LIVEUPDATE_SESSION_GET_NAME", _LUO_SES, "liveupdate_session_get_name"),
+    ("VFIO_GET_API_VERSION", _CONT, Arg.NONE),
+    ("VFIO_CHECK_EXTENSION", _CONT, Arg.VALUE),
+    ("VFIO_SET_IOMMU", _CONT, Arg.VALUE),
+    ("VFIO_IOMMU_GET_INFO", _CONT, "vfio_iommu_type1_info"),
+    ("VFIO_IOMMU_MAP_DMA", _CONT, "vfio_iommu_type1_dma_map"),
+    ("VFIO_IOMMU_UNMAP_DMA", _CONT, "vfio_iommu_type1_dma_unmap"),
+    ("VFIO_IOMMU_DIRTY_PAGES", _CONT, "vfio_iommu_type1_dirty_bitmap"),
+    ("VFIO_GROUP_GET_STATUS", _GROUP, "vfio_group_status"),
+    ("VFIO_GROUP_SET_CONTAINER", _GROUP, Arg.INT_PTR),
+    ("VFIO_GROUP_UNSET_CONTAINER", _GROUP, Arg.NONE),
+    ("VFIO_GROUP_GET_DEVICE_FD", _GROUP, Arg.STRING),
+    ("VFIO_DEVICE_GET_INFO", _DEV, "vfio_device_info"),
+    ("VFIO_DEVICE_GET_REGION_INFO", _DEV, "vfio_region_info"),
+    ("VFIO_DEVICE_GET_IRQ_INFO", _DEV, "vfio_irq_info"),
+    ("VFIO_DEVICE_SET_IRQS", _DEV, "vfio_irq_set"),
+    ("VFIO_DEVICE_RESET", _DEV, Arg.NONE),
+    ("VFIO_DEVICE_GET_PCI_HOT_RESET_INFO", _DEV, "vfio_pci_hot_reset_info"),
+    ("VFIO_DEVICE_PCI_HOT_RESET", _DEV, "vfio_pci_hot_reset"),
+    ("VFIO_DEVICE_IOEVENTFD", _DEV, "vfio_device_ioeventfd"),
+    ("VFIO_DEVICE_FEATURE", _DEV, "vfio_device_feature"),
+    ("VFIO_DEVICE_BIND_IOMMUFD", _DEV, "vfio_device_bind_iommufd"),
+    ("VFIO_DEVICE_ATTACH_IOMMUFD_PT", _DEV, "vfio_device_attach_iommufd_pt"),
+    ("VFIO_DEVICE_DETACH_IOMMUFD_PT", _DEV, "vfio_device_detach_iommufd_pt"),
+    ("IOMMU_DESTROY", _IOMMU, "iommu_destroy"),
+    ("IOMMU_IOAS_ALLOC", _IOMMU, "iommu_ioas_alloc"),
+    ("IOMMU_IOAS_ALLOW_IOVAS", _IOMMU, "iommu_ioas_allow_iovas"),
+    ("IOMMU_IOAS_COPY", _IOMMU, "iommu_ioas_copy"),
+    ("IOMMU_IOAS_IOVA_RANGES", _IOMMU, "iommu_ioas_iova_ranges"),
+    ("IOMMU_IOAS_MAP", _IOMMU, "iommu_ioas_map"),
+    ("IOMMU_IOAS_MAP_FILE", _IOMMU, "iommu_ioas_map_file"),
+    ("IOMMU_IOAS_UNMAP", _IOMMU, "iommu_ioas_unmap"),
+    ("IOMMU_OPTION", _IOMMU, "iommu_option"),
+    ("IOMMU_VFIO_IOAS", _IOMMU, "iommu_vfio_ioas"),
+    ("IOMMU_HWPT_ALLOC", _IOMMU, "iommu_hwpt_alloc"),
+    ("IOMMU_GET_HW_INFO", _IOMMU, "iommu_hw_info"),
+]
+
+
+def _size_field(struct: str) -> str:
+    fields = dict(ffi.typeof(f"struct {struct}").fields)
+    return "argsz" if "argsz" in fields else "size"
+
+
+REQUESTS: dict[FdKind, dict[str, Request]] = {kind: {} for kind in FdKind}
+for _name, _kinds, _arg in _TABLE:
+    _req = Request(
+        _name,
+        getattr(lib, _name),
+        _arg,
+        _size_field(_arg) if isinstance(_arg, str) else None,
+    )
+    for _kind in _kinds:
+        REQUESTS[_kind][_name] = _req
+del _name, _kinds, _arg, _req, _kind
+
+
+def request(kind: FdKind, name: str) -> Request:
+    """The request ``name`` as issued on an fd of ``kind``; WrongFdKind if it is not valid there."""
+    try:
+        return REQUESTS[kind][name]
+    except KeyError:
+        valid = [k.value for k, table in REQUESTS.items() if name in table]
+        if not valid:
+            raise WrongFdKind(None, name, kind.value, f"unknown request {name!r}") from None
+        raise WrongFdKind(
+            None, name, kind.value, f"{name} is issued on a {' or '.join(valid)} fd, not on a {kind.value} fd"
+        ) from None
+
+
+def new_arg(req: Request, extra: int = 0, size: int | None = None) -> Any:
+    """A zeroed argument for ``req`` with ``extra`` bytes after the struct.
+
+    ``argsz``/``size`` is set to the whole allocation unless ``size`` overrides it (the
+    raw tests use that to show the kernel's EINVAL for a short size).
+    """
+    ctype = f"struct {req.arg} *"
+    base = ffi.sizeof(f"struct {req.arg}")
+    if extra:
+        arg = ffi.from_buffer(ctype, bytearray(base + extra))
+    else:
+        arg = ffi.new(ctype)
+    setattr(arg, req.size_field, base + extra if size is None else size)
+    return arg
+
+
+def raise_for(err: int, name: str, target: str) -> None:
+    raise error_for(err, name, target)
+
+
+def call(kind: FdKind, fd: int, name: str, arg: Any = None, *, target: str = "", extra: int = 0,
+         tail: bytes = b"", size: int | None = None, **fields: Any) -> Any:
+    """Issue ``name`` on ``fd`` (an fd of ``kind``) and return the argument struct, or the
+    kernel's return value for requests that take no struct.
+
+    ``arg``: a prepared argument (struct pointer, integer value, string, int) used as is;
+    otherwise a zeroed struct is made, ``extra`` bytes longer, with ``tail`` written right
+    after the struct, its size field set, and then ``fields`` assigned.
+    """
+    req = request(kind, name)
+    if isinstance(req.arg, Arg):
+        if req.arg is Arg.NONE:
+            ret = lib.pvl_ioctl(fd, req.number, ffi.NULL)
+        elif req.arg is Arg.VALUE:
+            ret = lib.pvl_ioctl_val(fd, req.number, int(arg))
+        elif req.arg is Arg.INT_PTR:
+            ret = lib.pvl_ioctl(fd, req.number, ffi.new("int *", int(arg)))
+        else:
+            ret = lib.pvl_ioctl(fd, req.number, ffi.new("char[]", os.fsencode(arg)))
+        if ret < 0:
+            raise error_for(-ret, name, target)
+        return ret
+    if arg is None:
+        arg = new_arg(req, extra + len(tail), size)
+        if tail:
+            ffi.memmove(ffi.cast("char *", arg) + ffi.sizeof(f"struct {req.arg}"), tail, len(tail))
+        for field, value in fields.items():
+            setattr(arg, field, value)
+    ret = lib.pvl_ioctl(fd, req.number, arg)
+    if ret < 0:
+        raise error_for(-ret, name, target)
+    return arg
+
+
+def fd_kind(fd: int) -> tuple[FdKind | None, str]:
+    """What ``fd`` refers to, from its ``/proc/self/fd`` link: (kind or None, link text)."""
+    try:
+        link = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        raise error_for(exc.errno or 0, "readlink", f"fd {fd}") from None
+    if link == "/dev/liveupdate":
+        return FdKind.LUO_DEVICE, link
+    if link.startswith("anon_inode:[luo_session]"):
+        return FdKind.LUO_SESSION, link
+    if link == "/dev/vfio/vfio":
+        return FdKind.VFIO_CONTAINER, link
+    if link == "/dev/iommu":
+        return FdKind.IOMMUFD, link
+    if link.startswith("/dev/vfio/devices/") or link.startswith("anon_inode:[vfio-device"):
+        return FdKind.VFIO_DEVICE, link
+    if link.startswith("/dev/vfio/"):
+        return FdKind.VFIO_GROUP, link
+    return None, link

@@ -1,0 +1,324 @@
+"""The Live Update Orchestrator: ``/dev/liveupdate``, sessions, preserve / retrieve / finish.
+
+A live update in four verbs (kernel-contract.md §1)::
+
+    with LiveUpdate() as lu:                       # before the kexec
+        s = lu.create_session("vm-1")
+        s.preserve(guest_ram_memfd, token=1)
+        hold(s)                                    # keep the session fd alive until kexec -e
+
+    with LiveUpdate() as lu:                       # after the kexec
+        s = lu.retrieve_session("vm-1")
+        ram = s.retrieve(1)
+        s.finish()
+
+Which calls lose data:
+- closing an *outgoing* session (or letting its last fd go, e.g. by process exit) before
+  the kexec un-preserves every file in it;
+- ``finish()`` (and closing an *incoming* session, which implies finish) discards every
+  file that was not retrieved first.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import warnings
+from typing import Iterator
+
+from . import procfs
+from ._cffi import ffi, lib
+from .errors import (
+    BadFileDescriptor,
+    InvalidSessionName,
+    InvalidToken,
+    LiveUpdateBusy,
+    NotPreservable,
+    SessionClosed,
+    VfioPreservationUnsupported,
+    WrongSessionDirection,
+    error_for,
+)
+from .fd import FileLike, OwnedFd, fileno_of
+from .ioctl import FdKind, call, fd_kind
+
+log = logging.getLogger(__name__)
+
+DEVICE_PATH = "/dev/liveupdate"
+NAME_MAX = 63  # LIVEUPDATE_SESSION_NAME_LENGTH - 1
+TOKEN_MAX = 2**64 - 1
+
+OUTGOING = "outgoing"
+INCOMING = "incoming"
+
+
+class PreservationLost(ResourceWarning):
+    """A session holding preserved files was garbage collected: the files are no longer preserved."""
+
+
+# Shown by default (plain ResourceWarnings are hidden unless -X dev): losing a
+# preservation silently is exactly what this warning exists to prevent.
+warnings.filterwarnings("default", category=PreservationLost)
+
+
+def encode_name(name: str | bytes) -> bytes:
+    """A session name as the kernel wants it: 1..63 bytes, no NUL; InvalidSessionName otherwise."""
+    raw = name.encode() if isinstance(name, str) else bytes(name)
+    if not 1 <= len(raw) <= NAME_MAX or b"\0" in raw:
+        raise InvalidSessionName(
+            errno.EINVAL, "session name", repr(name),
+            f"session names are 1 to {NAME_MAX} bytes with no NUL; got {len(raw)} bytes"
+            + (" containing a NUL" if b"\0" in raw else ""))
+    return raw
+
+
+def check_token(token: int) -> int:
+    if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= TOKEN_MAX:
+        raise InvalidToken(errno.EINVAL, "token", repr(token), "tokens are integers from 0 to 2**64-1")
+    return token
+
+
+class LiveUpdate:
+    """Owner of ``/dev/liveupdate`` (the kernel allows one open file at a time).
+
+    Closing it does not affect sessions: they are files of their own.
+    """
+
+    def __init__(self, path: str = DEVICE_PATH):
+        self.path = path
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise self._open_error(exc) from None
+        self._fd = OwnedFd(fd, path)
+
+    def _open_error(self, exc: OSError):
+        err = exc.errno or 0
+        if err == errno.EBUSY:
+            held = procfs.liveupdate_holders()
+            who = ", ".join(f"pid {h.pid} ({h.comm})" for h in held) or "a process this user cannot see"
+            return LiveUpdateBusy(err, "open /dev/liveupdate", self.path,
+                                  f"/dev/liveupdate is single-open and is held by {who}",
+                                  holders=tuple(h.pid for h in held))
+        return error_for(err, "open /dev/liveupdate", self.path)
+
+    @classmethod
+    def from_fd(cls, fd: int, owned: bool = True) -> "LiveUpdate":
+        """Wrap an already-open ``/dev/liveupdate`` fd (closed on close() only if ``owned``)."""
+        self = cls.__new__(cls)
+        self.path = DEVICE_PATH
+        self._fd = OwnedFd(fd, DEVICE_PATH, owned=owned)
+        return self
+
+    def fileno(self) -> int:
+        return self._fd.fileno()
+
+    def create_session(self, name: str | bytes) -> "Session":
+        """A new outgoing session. SessionExists if an outgoing session has this name."""
+        raw = encode_name(name)
+        arg = call(FdKind.LUO_DEVICE, self.fileno(), "LIVEUPDATE_IOCTL_CREATE_SESSION",
+                   target=f"{self.path} (session {raw.decode(errors='replace')!r})", name=raw)
+        return Session(arg.fd, raw.decode(errors="replace"), OUTGOING)
+
+    def retrieve_session(self, name: str | bytes) -> "Session":
+        """An incoming session handed over by the previous kernel.
+
+        NoSuchSession when there is none by that name (a cold boot, an unknown name, or
+        one already finished); SessionAlreadyRetrieved while another fd for it is open.
+        """
+        raw = encode_name(name)
+        arg = call(FdKind.LUO_DEVICE, self.fileno(), "LIVEUPDATE_IOCTL_RETRIEVE_SESSION",
+                   target=f"{self.path} (session {raw.decode(errors='replace')!r})", name=raw)
+        return Session(arg.fd, raw.decode(errors="replace"), INCOMING)
+
+    def close(self) -> None:
+        self._fd.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._fd.closed
+
+    def __enter__(self) -> "LiveUpdate":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<LiveUpdate {self.path} {'closed' if self.closed else f'fd={self._fd.fileno()}'}>"
+
+
+class Session:
+    """One LUO session fd: *outgoing* (created, preserves files) or *incoming* (retrieved).
+
+    Data-loss rules: closing an outgoing session un-preserves everything in it; finishing
+    (or closing) an incoming one discards every file not yet retrieved.
+    """
+
+    def __init__(self, fd: int, name: str, direction: str, owned: bool = True):
+        if direction not in (OUTGOING, INCOMING):
+            raise ValueError(f"direction must be {OUTGOING!r} or {INCOMING!r}")
+        self._fd = OwnedFd(fd, f"LUO session {name!r}", owned=owned)
+        self.name = name
+        self.direction = direction
+        self._preserved: dict[int, str] = {}  # token -> what the file is (outgoing only)
+        self._retrieved: set[int] = set()
+
+    # --- construction from an fd ----------------------------------------------------------
+    @classmethod
+    def from_fd(cls, fd: int, owned: bool = True) -> "Session":
+        """Wrap a session fd (e.g. received from a holder); name and direction are asked
+        from the kernel (GET_NAME, and a PRESERVE_FD of fd -1, which changes nothing)."""
+        kind, link = fd_kind(fd)
+        if kind is not FdKind.LUO_SESSION:
+            raise BadFileDescriptor(errno.EBADF, "Session.from_fd", f"fd {fd}", f"not a LUO session fd ({link})")
+        name = get_name(fd)
+        try:
+            call(FdKind.LUO_SESSION, fd, "LIVEUPDATE_SESSION_PRESERVE_FD", fd=-1, token=TOKEN_MAX,
+                 target=f"session {name!r}")
+            direction = OUTGOING  # unreachable in practice: fd -1 never preserves
+        except OSError as exc:
+            direction = INCOMING if exc.errno == errno.EINVAL else OUTGOING
+        return cls(fd, name, direction, owned=owned)
+
+    # --- plumbing ---------------------------------------------------------------------------
+    @property
+    def target(self) -> str:
+        return f"session {self.name!r}"
+
+    @property
+    def closed(self) -> bool:
+        return self._fd.closed
+
+    def fileno(self) -> int:
+        if self._fd.closed:
+            raise SessionClosed(errno.EBADF, "session", self.target)
+        return self._fd.fileno()
+
+    def _need(self, direction: str, what: str) -> int:
+        fd = self.fileno()
+        if self.direction != direction:
+            raise WrongSessionDirection(
+                errno.EINVAL, what, self.target,
+                f"{what} needs an {direction} session; {self.name!r} is {self.direction}"
+                + (" (created in this boot)" if self.direction == OUTGOING else " (retrieved after a live update)"))
+        return fd
+
+    @property
+    def preserved(self) -> dict[int, str]:
+        """Tokens preserved through this object, with what each file is."""
+        return dict(self._preserved)
+
+    # --- the verbs ---------------------------------------------------------------------------
+    def preserve(self, file: FileLike, token: int) -> None:
+        """Preserve ``file`` (an fd or an object with ``fileno()``) under ``token``.
+
+        The kernel keeps its own reference: ``file`` may be closed afterwards. A memfd's
+        size is frozen from now on (ftruncate/fallocate/extending writes fail with EPERM)
+        and its seals are captured now, so seal before preserving.
+        Errors: TokenInUse, AlreadyPreserved, NotPreservable (VfioPreservationUnsupported
+        for a VFIO device on a kernel without VFIO live update), BadFileDescriptor.
+        """
+        sfd = self._need(OUTGOING, "LIVEUPDATE_SESSION_PRESERVE_FD")
+        check_token(token)
+        fd = fileno_of(file)
+        target = f"{self.target} (token {token:#x})"
+        try:
+            call(FdKind.LUO_SESSION, sfd, "LIVEUPDATE_SESSION_PRESERVE_FD", fd=fd, token=token, target=target)
+        except NotPreservable as exc:
+            kind, link = fd_kind(fd)
+            if kind is FdKind.VFIO_DEVICE:
+                raise VfioPreservationUnsupported(exc.errno, exc.operation, target) from None
+            raise NotPreservable(exc.errno, exc.operation, target,
+                                 f"the kernel has no live-update handler for this kind of file ({link})") from None
+        self._preserved[token] = _describe(fd)
+
+    def retrieve(self, token: int) -> OwnedFd:
+        """The file preserved under ``token``, as a new fd owned by the returned object.
+
+        Retrieving the same token twice gives a second fd for the same file. A failed
+        retrieve is sticky: later attempts fail the same way. NoSuchToken if unknown.
+        """
+        sfd = self._need(INCOMING, "LIVEUPDATE_SESSION_RETRIEVE_FD")
+        check_token(token)
+        arg = call(FdKind.LUO_SESSION, sfd, "LIVEUPDATE_SESSION_RETRIEVE_FD", token=token,
+                   target=f"{self.target} (token {token:#x})")
+        self._retrieved.add(token)
+        return OwnedFd(arg.fd, f"file {token:#x} of session {self.name!r}")
+
+    def finish(self) -> None:
+        """End the incoming session: the kernel releases what it kept for it.
+
+        LOSES DATA: files not retrieved before this call are discarded. FinishRefused
+        (EBUSY) when a file is not ready (e.g. a VFIO device not yet bound to an iommufd);
+        nothing is finished then. A second finish succeeds and does nothing.
+        """
+        sfd = self._need(INCOMING, "LIVEUPDATE_SESSION_FINISH")
+        call(FdKind.LUO_SESSION, sfd, "LIVEUPDATE_SESSION_FINISH", target=self.target)
+
+    def get_name(self) -> str:
+        """The session's name as the kernel reports it (LIVEUPDATE_SESSION_GET_NAME)."""
+        return get_name(self.fileno(), self.target)
+
+    # --- lifetime ---------------------------------------------------------------------------
+    def detach(self) -> int:
+        """Give up ownership of the session fd (e.g. after handing it to a holder)."""
+        self._preserved.clear()
+        return self._fd.detach()
+
+    def close(self) -> None:
+        """Close this session fd.
+
+        If it is the last fd for the session: an outgoing session un-preserves all its
+        files; an incoming one is finished (discarding files not retrieved).
+        """
+        self._preserved.clear()
+        self._fd.close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is None or fd.closed:
+            return
+        if self._preserved:
+            lost = ", ".join(f"{t:#x} ({what})" for t, what in sorted(self._preserved.items()))
+            msg = (f"LUO session {self.name!r} was garbage-collected while it held preserved files; "
+                   f"they are no longer preserved: {lost}. Keep the session open (or hand it to a "
+                   f"holder) until the kexec, and close it explicitly otherwise.")
+            log.error(msg)
+            warnings.warn(msg, PreservationLost, stacklevel=2)
+        self._preserved.clear()
+        fd.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"fd={self._fd.fileno()}"
+        extra = f" preserved={len(self._preserved)}" if self._preserved else ""
+        return f"<Session {self.name!r} {self.direction} {state}{extra}>"
+
+
+def get_name(fd: int, target: str = "") -> str:
+    arg = call(FdKind.LUO_SESSION, fd, "LIVEUPDATE_SESSION_GET_NAME", target=target or f"session fd {fd}")
+    return ffi.string(ffi.cast("char *", arg.name), 64).decode(errors="replace")
+
+
+def _describe(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"fd {fd}"
+
+
+def sessions_held(proc: str = "/proc") -> Iterator[tuple[str, procfs.FdHolder]]:
+    """(session name, holder) for every session fd open in any process visible here."""
+    for name, hs in procfs.session_holders(proc).items():
+        for h in hs:
+            yield name, h
+
+
+__all__ = ["LiveUpdate", "Session", "PreservationLost", "OUTGOING", "INCOMING", "lib"]

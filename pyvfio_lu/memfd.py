@@ -1,0 +1,150 @@
+"""memfds for live update: create with contents, seal before preserving, verify after.
+
+What a preserved memfd carries across a kexec (kernel-contract.md §1.5): its contents
+(holes become zero-filled pages), its size, its file position (as of the kexec) and its
+seals *as of the preserve*. Not carried: the name, FD_CLOEXEC. After ``preserve`` the
+size is frozen: :meth:`Memfd.resize` and writes past the end raise :class:`MemfdFrozen`.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+from dataclasses import dataclass
+
+from .errors import PyvfioError, error_for
+from .fd import OwnedFd
+
+SEALS = {
+    "seal": fcntl.F_SEAL_SEAL,
+    "shrink": fcntl.F_SEAL_SHRINK,
+    "grow": fcntl.F_SEAL_GROW,
+    "write": fcntl.F_SEAL_WRITE,
+    "future_write": getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010),
+}
+
+
+class ContentMismatch(PyvfioError, ValueError):
+    """A retrieved memfd does not hold what was expected."""
+
+
+@dataclass(frozen=True)
+class MemfdState:
+    size: int
+    position: int
+    seals: int
+    sha256: str
+
+    def to_json(self) -> dict:
+        return {"size": self.size, "position": self.position, "seals": self.seals, "sha256": self.sha256}
+
+
+class Memfd(OwnedFd):
+    """An owned memfd (created here, or retrieved from a session)."""
+
+    __slots__ = ()
+
+    @classmethod
+    def create(cls, name: str = "pyvfio-lu", data: bytes = b"", size: int | None = None,
+               sealing: bool = True) -> "Memfd":
+        """A new memfd (``MFD_CLOEXEC``, ``MFD_ALLOW_SEALING``) holding ``data``, ``size`` bytes long."""
+        flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealing else 0)
+        fd = os.memfd_create(name, flags)
+        self = cls(fd, f"memfd {name!r}")
+        try:
+            if size is not None:
+                os.ftruncate(fd, size)
+            if data:
+                self.pwrite_all(data, 0)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    @classmethod
+    def adopt(cls, owned: OwnedFd) -> "Memfd":
+        """Take over the fd of an OwnedFd (e.g. from ``Session.retrieve``)."""
+        what = owned.what
+        return cls(owned.detach(), what)
+
+    # --- contents ------------------------------------------------------------------------
+    def pwrite_all(self, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.pwrite(self.fileno(), view, offset)
+            except OSError as exc:
+                raise error_for(exc.errno or 0, "write", self.what) from None
+            view, offset = view[n:], offset + n
+
+    def read_all(self) -> bytes:
+        size = self.size
+        chunks, offset = [], 0
+        while offset < size:
+            chunk = os.pread(self.fileno(), min(size - offset, 1 << 24), offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks)
+
+    @property
+    def size(self) -> int:
+        return os.fstat(self.fileno()).st_size
+
+    @property
+    def position(self) -> int:
+        return os.lseek(self.fileno(), 0, os.SEEK_CUR)
+
+    def seek(self, position: int) -> None:
+        os.lseek(self.fileno(), position, os.SEEK_SET)
+
+    def resize(self, size: int) -> None:
+        """ftruncate; MemfdFrozen while the memfd is preserved."""
+        try:
+            os.ftruncate(self.fileno(), size)
+        except OSError as exc:
+            raise error_for(exc.errno or 0, "ftruncate", self.what) from None
+
+    # --- seals ---------------------------------------------------------------------------
+    @property
+    def seals(self) -> int:
+        return fcntl.fcntl(self.fileno(), fcntl.F_GET_SEALS)
+
+    def seal(self, *names: str) -> None:
+        """Add seals by name (``seal``, ``shrink``, ``grow``, ``write``, ``future_write``).
+
+        Seal *before* preserving: seals added afterwards are not carried across the kexec.
+        """
+        bits = 0
+        for name in names:
+            if name not in SEALS:
+                raise ValueError(f"unknown seal {name!r}; known: {', '.join(SEALS)}")
+            bits |= SEALS[name]
+        try:
+            fcntl.fcntl(self.fileno(), fcntl.F_ADD_SEALS, bits)
+        except OSError as exc:
+            raise error_for(exc.errno or 0, "F_ADD_SEALS", self.what) from None
+
+    # --- verification --------------------------------------------------------------------
+    def state(self) -> MemfdState:
+        return MemfdState(self.size, self.position, self.seals, hashlib.sha256(self.read_all()).hexdigest())
+
+    def verify(self, expected: MemfdState | dict | bytes) -> None:
+        """ContentMismatch unless this memfd matches ``expected`` (a state, its JSON, or bytes)."""
+        if isinstance(expected, (bytes, bytearray, memoryview)):
+            got = self.read_all()
+            if got != bytes(expected):
+                raise ContentMismatch(errno.EIO, "verify", self.what,
+                                      f"contents differ: {len(got)} bytes, expected {len(expected)}")
+            return
+        if isinstance(expected, dict):
+            expected = MemfdState(**expected)
+        got_state = self.state()
+        diffs = [f"{field}: {getattr(got_state, field)!r} != expected {getattr(expected, field)!r}"
+                 for field in ("size", "position", "seals", "sha256")
+                 if getattr(got_state, field) != getattr(expected, field)]
+        if diffs:
+            raise ContentMismatch(errno.EIO, "verify", self.what, "; ".join(diffs))
