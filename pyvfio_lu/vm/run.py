@@ -69,7 +69,8 @@ class GuestResult:
         def sec(v: float | None) -> str:
             return "-" if v is None else f"{v:.1f} s"
 
-        rcs = ", ".join(f"stage {n} rc={'-' if rc is None else rc}" for n, rc in self.stage_rc.items())
+        rcs = ", ".join(f"stage {n} rc={'-' if rc is None else rc}"
+                        for n, rc in self.stage_rc.items())
         lines = [
             f"pyvfio-lu guest run: {'ok' if self.ok else 'FAILED'} "
             f"(accel {self.accel}, iommu {self.iommu})",
@@ -88,8 +89,9 @@ class GuestResult:
             "ok": self.ok, "accel": self.accel, "iommu": self.iommu, "kexec": self.kexec,
             "stage_rc": {str(k): v for k, v in self.stage_rc.items()},
             "qemu_rc": self.qemu_rc, "seconds": round(self.seconds, 3),
-            "boot_seconds": self.boot_seconds, "kexec_load_seconds": self.kexec_load_seconds,
-            "kexec_seconds": self.kexec_seconds,
+            **{name: None if v is None else round(v, 3) for name, v in (
+                ("boot_seconds", self.boot_seconds), ("kexec_load_seconds", self.kexec_load_seconds),
+                ("kexec_seconds", self.kexec_seconds))},
             "markers": {k: round(v, 3) for k, v in self.markers.times.items()},
             "trouble": self.markers.trouble, "console_log": str(self.console_log),
         }
@@ -144,7 +146,8 @@ def run_script(stages: dict[int, str], kernel: Path, initrd: Path, cwd: Path) ->
             out += ["    " + line if line else "" for line in
                     kexec_commands(kernel, initrd, n + 1).splitlines()]
         out += ['    exit "$rc"', "    ;;"]
-    out += ['*)', '    echo "pyvfio-lu: no command for stage $stage"', "    exit 2", "    ;;", "esac"]
+    out += ["*)", '    echo "pyvfio-lu: no command for stage $stage"', "    exit 2", "    ;;",
+            "esac"]
     return "\n".join(out) + "\n"
 
 
@@ -196,7 +199,8 @@ def run_in_guest(stage1: str, stage2: str | None = None, *, iommu: str = "intel"
     results = _prepare_results(results_dir)
     for n, command in stages.items():
         (results / f"stage-{n}.sh").write_text(command.rstrip("\n") + "\n")
-    (results / "run.sh").write_text(run_script(stages, kernel, initrd, (cwd or Path.cwd()).resolve()))
+    workdir = (cwd or Path.cwd()).resolve()
+    (results / "run.sh").write_text(run_script(stages, kernel, initrd, workdir))
     if accel is None:
         accel = qemu.choose_accel(lambda: qemu.probe_kvm(kernel, initrd),
                                   key=qemu.probe_key(kernel))
@@ -228,8 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         description="Run a shell command in a QEMU guest on the LUO/VFIO test kernel, and "
                     "with --stage2 a second one after a kexec live update. The guest root is "
                     "the host root (read-only 9p under a tmpfs overlay); the results directory "
-                    "is at /shared. Environment: PYVFIO_LU_ACCEL=tcg|kvm, PYVFIO_LU_KERNEL=bzImage.",
-        epilog="example: python -m pyvfio_lu.vm.run --stage2 'cat /proc/cmdline' -- 'ls /dev/liveupdate'. "
+                    "is at /shared. Environment: PYVFIO_LU_ACCEL=tcg|kvm, "
+                    "PYVFIO_LU_KERNEL=bzImage.",
+        epilog="example: python -m pyvfio_lu.vm.run --stage2 'cat /proc/cmdline' -- "
+               "'ls /dev/liveupdate'. "
                "Exit status: 0 when every stage exited 0, 1 when one did not, 2 when the guest "
                "did not run to its end (timeout, panic, failed kexec).")
     parser.add_argument("--iommu", choices=qemu.IOMMU_MODES, default="intel",
@@ -244,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where console.log, stage-N.rc and result.json go (default: a new "
                              "directory under $TMPDIR)")
     parser.add_argument("--no-net", action="store_true", help="no virtio-net NIC")
-    parser.add_argument("--kernel", type=Path, help="bzImage to boot (default: the cached test kernel)")
+    parser.add_argument("--kernel", type=Path,
+                        help="bzImage to boot (default: the cached test kernel)")
     parser.add_argument("-q", "--quiet", action="store_true", help="do not print the console")
     parser.add_argument("command", nargs="+", metavar="CMD",
                         help="stage-1 command (after --; several words are joined with spaces)")
