@@ -19,14 +19,13 @@ import argparse
 import errno
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from typing import Any
 
 from . import handoff
-from .errors import PyvfioError, error_for
+from .errors import PyvfioError
 from .fd import FileLike, OwnedFd, fileno_of
 
 
@@ -64,6 +63,22 @@ def daemonize_and_hold(*files: FileLike) -> int:
     with os.fdopen(r, "rb") as fh:
         data = fh.read()
     return int(data) if data else -1
+
+
+def raise_nofile_limit(wanted: int = 1 << 16) -> int:
+    """Raise RLIMIT_NOFILE towards ``wanted`` (the hard limit too, where privileged); returns the soft limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = hard == resource.RLIM_INFINITY
+    for new_hard in ((hard if unlimited or hard >= wanted else wanted), hard):
+        try:
+            new_soft = wanted if new_hard == resource.RLIM_INFINITY else min(wanted, new_hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, new_soft), new_hard))
+            break
+        except (ValueError, OSError):
+            continue
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _close_all_but(keep: list[int]) -> None:
@@ -122,10 +137,20 @@ class Holder:
 
     def hold_session(self, session, manifest: dict | None = None) -> None:
         """Hand a LUO session to the holder and give up this process's fd for it."""
-        files = {f"{t:#x}": what for t, what in session.preserved.items()}
-        info = {"session": session.name, "direction": session.direction, "files": files, **(manifest or {})}
-        self.hold(f"session:{session.name}", session, info)
-        os.close(session.detach())
+        self.hold_sessions([session], manifest)
+
+    def hold_sessions(self, sessions, manifest: dict | None = None) -> None:
+        """Hand many LUO sessions over in one request; this process's fds for them are closed."""
+        sessions = list(sessions)
+        names = [f"session:{s.name}" for s in sessions]
+        info = {
+            n: {"session": s.name, "direction": s.direction,
+                "files": {f"{t:#x}": what for t, what in s.preserved.items()}, **(manifest or {})}
+            for n, s in zip(names, sessions)
+        }
+        self._request({"op": "hold", "names": names, "manifest": info}, [s.fileno() for s in sessions])
+        for s in sessions:
+            os.close(s.detach())
 
     def list(self) -> dict[str, dict]:
         """name -> manifest of everything held."""
@@ -213,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uid", type=int, default=os.getuid(), help="only this uid may talk to the holder (default: own uid)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise_nofile_limit()
     serve(args.socket, args.uid)
     return 0
 

@@ -67,3 +67,53 @@ def execute() -> None:
     ret = lib.pvl_reboot_kexec()
     if ret < 0:
         raise error_for(-ret, "reboot(RB_KEXEC)", "the loaded kexec kernel")
+
+
+def cmdline_with(cmdline: str, **params: str) -> str:
+    """``cmdline`` with each ``key=value`` in ``params`` replaced or appended (dots in keys
+    are written as ``__``: ``pyvfio_lu__stage="2"``)."""
+    words = cmdline.split()
+    for key, value in params.items():
+        key = key.replace("__", ".")
+        words = [w for w in words if w.split("=", 1)[0] != key] + [f"{key}={value}"]
+    return " ".join(words)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from .errors import PyvfioError
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pyvfio_lu.kexec",
+        description="Load a kernel with kexec_file_load (the only loader that carries live-update "
+                    "state) and optionally reboot into it at once.",
+        epilog="example: python -m pyvfio_lu.kexec --kernel /boot/vmlinuz --initrd /boot/initrd.img "
+               "--set pyvfio_lu.stage=2 --exec")
+    parser.add_argument("--kernel", required=True, help="bzImage to load")
+    parser.add_argument("--initrd", help="initramfs to load with it")
+    parser.add_argument("--cmdline", help="command line (default: the running kernel's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="replace or add a command-line parameter (repeatable)")
+    parser.add_argument("--exec", action="store_true", help="reboot into the loaded kernel now")
+    args = parser.parse_args(argv)
+    cmd = args.cmdline if args.cmdline is not None else current_cmdline()
+    for item in args.set:
+        key, _, value = item.partition("=")
+        cmd = cmdline_with(cmd, **{key.replace(".", "__"): value})
+    try:
+        load(args.kernel, args.initrd, cmd)
+        print(f"loaded {args.kernel} with command line: {cmd}", flush=True)
+        if args.exec:
+            execute()
+    except PyvfioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The main demo: a live update in the QEMU guest that carries "guest RAM" (a memfd) and
+exercises the VFIO device, every step printed with its time.
+
+On the host, ``python -m pyvfio_lu.demo`` (or ``pyvfio-lu demo``) builds or reuses the
+kernel, boots the guest and runs stage 1 there; the guest kexecs itself (our own
+``kexec_file_load``) and runs stage 2. Inside the guest the same module runs with
+``--guest-stage N``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+
+EDU_BDF = "0000:00:04.0"
+SESSION = "demo-vm"
+RAM_TOKEN = 1
+DEVICE_TOKEN = 2
+RAM_SIZE = 16 << 20
+IOVA = 0x1000000
+PREFIX = "demo |"
+
+
+class Steps:
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.last = self.t0
+
+    def __call__(self, text: str) -> None:
+        now = time.monotonic()
+        print(f"{PREFIX} {now - self.t0:7.3f}s (+{(now - self.last) * 1000:7.1f} ms)  {text}", flush=True)
+        self.last = now
+
+
+def _ram_pattern() -> bytes:
+    block = hashlib.sha256(b"pyvfio-lu demo guest RAM").digest() * 128  # 4 KiB
+    return block * (RAM_SIZE // len(block))
+
+
+def guest_stage1(step: Steps) -> int:
+    from . import edu
+    from .errors import PyvfioError
+    from .holder import Holder
+    from .luo import LiveUpdate
+    from .memfd import Memfd
+    from .status import status
+    from .sysfs import PciDevice
+    from .vfio import VfioDevice
+
+    st = status()
+    step(f"kernel {os.uname().release}: LUO enabled={st.luo_enabled}, KHO enabled={st.kho_enabled}, "
+         f"boot id {st.boot_id[:8]}, live update number {st.liveupdate_number}")
+    pci = PciDevice(EDU_BDF)
+    prev = pci.bind_vfio()
+    step(f"edu {pci.bdf} ({pci.vendor:04x}:{pci.device:04x}) bound to vfio-pci (was {prev or 'no driver'}), "
+         f"cdev {pci.vfio_cdev}")
+    ram = Memfd.create("guest-ram", _ram_pattern())
+    ram.seal("grow", "shrink")
+    step(f"guest RAM: memfd of {RAM_SIZE >> 20} MiB, sha256 {hashlib.sha256(ram.read_all()).hexdigest()[:16]}…")
+    with VfioDevice.open(EDU_BDF, "iommufd") as dev:
+        info = dev.info()
+        step(f"VFIO cdev + iommufd: bound (devid {dev.devid}), attached to IOAS {dev.iommu.ioas_id} "
+             f"(hwpt {dev.hwpt_id}); {info.num_regions} regions, {info.num_irqs} IRQ indexes")
+        e = edu.Edu(dev)
+        step(f"BAR0 id {e.identify():#010x}, liveness(0x12345678) -> {e.liveness(0x12345678):#010x}, "
+             f"10! = {e.factorial(10)}")
+        dev.enable_bus_master()
+        dev.iommu.map_file(ram, IOVA, size=RAM_SIZE, writeable=False)
+        e.dma_to_device(IOVA, edu.BUFFER_SIZE)
+        step(f"guest RAM mapped at IOVA {IOVA:#x} (IOMMU_IOAS_MAP_FILE); edu DMA'd its first page")
+        with LiveUpdate() as lu:
+            session = lu.create_session(SESSION)
+            session.preserve(ram, RAM_TOKEN)
+            step(f"session {SESSION!r}: guest RAM preserved as token {RAM_TOKEN}")
+            try:
+                dev.preserve(session, DEVICE_TOKEN)
+                step(f"VFIO device preserved as token {DEVICE_TOKEN}")
+            except PyvfioError as exc:
+                step(f"VFIO device not preserved; the kernel says: {exc}")
+        dev.iommu.unmap_all()
+    step("VFIO device closed before the kexec (it is set up again afterwards)")
+    holder = Holder.spawn("/run/pyvfio-lu-demo-holder.sock")
+    holder.hold_session(session)
+    ram.close()
+    step(f"session handed to a holder daemon; held: {sorted(holder.list())}")
+    step("stage 1 done: the guest now loads this kernel with kexec_file_load and reboots into it")
+    return 0
+
+
+def guest_stage2(step: Steps) -> int:
+    from . import edu
+    from .luo import LiveUpdate
+    from .memfd import Memfd
+    from .status import status
+    from .sysfs import PciDevice
+    from .vfio import VfioDevice
+
+    st = status()
+    step(f"after the kexec: boot id {st.boot_id[:8]}, live update number {st.liveupdate_number}")
+    with LiveUpdate() as lu, lu.retrieve_session(SESSION) as session:
+        ram = Memfd.adopt(session.retrieve(RAM_TOKEN))
+        ok = ram.read_all() == _ram_pattern()
+        step(f"session {SESSION!r} retrieved; guest RAM token {RAM_TOKEN}: {ram.size >> 20} MiB, "
+             f"seals {ram.seals:#x}, contents {'intact' if ok else 'CORRUPTED'}")
+        if not ok:
+            return 1
+        pci = PciDevice(EDU_BDF)
+        pci.bind_vfio()
+        step(f"edu re-bound to vfio-pci (driver_override), cdev {pci.vfio_cdev}")
+        with VfioDevice.open(EDU_BDF, "iommufd") as dev:
+            e = edu.Edu(dev)
+            dev.enable_bus_master()
+            dev.iommu.map_file(ram, IOVA, size=RAM_SIZE, writeable=False)
+            e.dma_to_device(IOVA + 4096, edu.BUFFER_SIZE)
+            step(f"device set up again on a new iommufd (IOAS {dev.iommu.ioas_id}); guest RAM re-mapped at "
+                 f"IOVA {IOVA:#x}; edu id {e.identify():#010x}; DMA from the preserved RAM done")
+            dev.iommu.unmap_all()
+        session.finish()
+        step("session finished: the kernel released what it kept for it")
+        ram.close()
+    step("live update complete")
+    return 0
+
+
+def host(iommu: str, timeout: float) -> int:
+    from .vm.kernel import build
+    from .vm.run import run_in_guest
+
+    t0 = time.monotonic()
+    image = build()
+    how = "built" if image.build_seconds else "cached"
+    print(f"kernel: {image.bzimage} ({how}, Debian linux-source {image.version})", flush=True)
+    python = sys.executable
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def echo(t: float, line: str) -> None:
+        if line.startswith(PREFIX) or line.startswith("pyvfio-lu:") or "Traceback" in line or "Error" in line:
+            print(f"[{t:6.1f}s] {line}", flush=True)
+
+    result = run_in_guest(f"{python} -m pyvfio_lu.demo --guest-stage 1",
+                          f"{python} -m pyvfio_lu.demo --guest-stage 2",
+                          iommu=iommu, timeout=timeout, cwd=root, on_line=echo)
+    print(result.summary(), flush=True)
+    print(f"demo wall time: {time.monotonic() - t0:.1f} s", flush=True)
+    return 0 if result.ok and result.kexec else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pyvfio_lu.demo", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iommu", choices=["intel", "virtio"], default="intel", help="vIOMMU of the guest")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds before the guest is stopped")
+    parser.add_argument("--guest-stage", type=int, choices=[1, 2], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.guest_stage:
+        os.environ.setdefault("PYVFIO_LU_STATE_DIR", "/shared/state")
+        step = Steps()
+        return (guest_stage1 if args.guest_stage == 1 else guest_stage2)(step)
+    from .vm.qemu import GuestError
+
+    try:
+        return host(args.iommu, args.timeout)
+    except GuestError as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

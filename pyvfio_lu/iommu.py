@@ -1,0 +1,398 @@
+"""IOMMU contexts for VFIO devices, in the five modes of the kernel's VFIO selftests.
+
+=========================  ===================  =============================================
+mode                       opened               DMA mapping through
+=========================  ===================  =============================================
+``iommufd``                /dev/iommu + IOAS    IOMMU_IOAS_MAP / MAP_FILE (device: cdev + bind)
+``vfio_type1_iommu``       /dev/vfio/vfio       VFIO_IOMMU_MAP_DMA (device: group fd)
+``vfio_type1v2_iommu``     /dev/vfio/vfio       VFIO_IOMMU_MAP_DMA
+``iommufd_compat_type1``   /dev/iommu           VFIO_IOMMU_MAP_DMA (iommufd's VFIO compat)
+``iommufd_compat_type1v2`` /dev/iommu           VFIO_IOMMU_MAP_DMA
+=========================  ===================  =============================================
+
+**DMA mapping of process memory is unsafe**: the device may read and write the mapped
+pages at any time until they are unmapped. Freeing (or unmapping from the process) memory
+that is still DMA-mapped lets the device scribble over whatever reuses it. This module
+keeps a reference to every buffer it maps until it is unmapped, and unmaps everything on
+``close()``; a raw address can only be mapped with ``unsafe_address=True``.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap as _mmap
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ._cffi import ffi, lib
+from .errors import InvalidArgument, NotFound, NotSupported, PyvfioError, UnsafeOperation, error_for
+from .fd import FileLike, OwnedFd, fileno_of
+from .ioctl import FdKind, call
+
+MODES = ("iommufd", "vfio_type1_iommu", "vfio_type1v2_iommu", "iommufd_compat_type1", "iommufd_compat_type1v2")
+PAGE = _mmap.PAGESIZE
+U64_MAX = 2**64 - 1
+_TYPE = {"vfio_type1_iommu": "VFIO_TYPE1_IOMMU", "vfio_type1v2_iommu": "VFIO_TYPE1v2_IOMMU",
+         "iommufd_compat_type1": "VFIO_TYPE1_IOMMU", "iommufd_compat_type1v2": "VFIO_TYPE1v2_IOMMU"}
+
+
+@dataclass(frozen=True)
+class IovaRange:
+    start: int
+    last: int  # inclusive
+
+    @property
+    def size(self) -> int:
+        return self.last - self.start + 1
+
+
+class DmaBuffer:
+    """Page-aligned memory for device DMA: anonymous, or a shared mapping of a memfd.
+
+    Supports the buffer protocol (``memoryview(buf)``) and keeps its mapping until
+    ``close()``, which refuses while an Iommu still has it mapped.
+    """
+
+    def __init__(self, size: int, file: FileLike | None = None, offset: int = 0):
+        if size <= 0 or size % PAGE:
+            raise InvalidArgument(errno.EINVAL, "DmaBuffer", f"{size} bytes", f"size must be a positive multiple of {PAGE}")
+        flags = _mmap.MAP_SHARED | (0 if file is not None else _mmap.MAP_ANONYMOUS)
+        err = ffi.new("int *")
+        fd = fileno_of(file) if file is not None else -1
+        ptr = lib.pvl_mmap(size, _mmap.PROT_READ | _mmap.PROT_WRITE, flags, fd, offset, err)
+        if ptr == ffi.NULL:
+            raise error_for(err[0], "mmap", f"DMA buffer of {size} bytes")
+        self._ptr = ptr
+        self.size = size
+        self.mapped_by: set[int] = set()  # id() of Iommus that map it
+
+    @property
+    def address(self) -> int:
+        if self._ptr is None:
+            raise ValueError("DMA buffer is closed")
+        return int(ffi.cast("uintptr_t", self._ptr))
+
+    def __buffer__(self, flags):  # Python 3.12+
+        return memoryview(ffi.buffer(self._ptr, self.size))
+
+    def view(self) -> memoryview:
+        if self._ptr is None:
+            raise ValueError("DMA buffer is closed")
+        return memoryview(ffi.buffer(self._ptr, self.size))
+
+    def read(self, offset: int = 0, length: int | None = None) -> bytes:
+        return bytes(self.view()[offset: self.size if length is None else offset + length])
+
+    def write(self, data: bytes, offset: int = 0) -> None:
+        self.view()[offset: offset + len(data)] = data
+
+    def close(self) -> None:
+        if self._ptr is None:
+            return
+        if self.mapped_by:
+            raise UnsafeOperation(errno.EBUSY, "DmaBuffer.close", f"buffer at {self.address:#x}",
+                                  "the buffer is still DMA-mapped; unmap it first")
+        lib.pvl_munmap(self._ptr, self.size)
+        self._ptr = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@dataclass
+class Mapping:
+    iova: int
+    size: int
+    vaddr: int | None  # None for IOAS_MAP_FILE mappings
+    keepalive: Any = None  # the buffer object, kept alive while mapped
+
+
+class IovaAllocator:
+    """Hands out IOVA ranges from the allowed ranges: page-aligned, and aligned to the size's
+    largest power of two (up to 1 GiB) so large mappings can use large IOMMU pages.
+    ``limit`` keeps every IOVA below a device's DMA mask."""
+
+    def __init__(self, ranges: list[IovaRange], limit: int = U64_MAX, start: int = PAGE):
+        self.ranges = [IovaRange(max(r.start, start), min(r.last, limit)) for r in ranges
+                       if min(r.last, limit) >= max(r.start, start)]
+        self._next = [r.start for r in self.ranges]
+
+    def alloc(self, size: int) -> int:
+        size = -(-size // PAGE) * PAGE
+        align = min(1 << (size.bit_length() - 1), 1 << 30)
+        for i, r in enumerate(self.ranges):
+            iova = -(-self._next[i] // align) * align
+            if iova + size - 1 <= r.last:
+                self._next[i] = iova + size
+                return iova
+        raise PyvfioError(errno.ENOSPC, "IOVA allocation", f"{size} bytes", "no room left in the allowed IOVA ranges")
+
+
+def _address_of(buffer: Any) -> tuple[int, int, Any]:
+    """(address, length, export): ``export`` pins the buffer (an mmap cannot be closed
+    while it is alive), so it is kept with the mapping."""
+    if isinstance(buffer, DmaBuffer):
+        return buffer.address, buffer.size, None
+    view = memoryview(buffer)
+    if view.readonly:
+        raise InvalidArgument(errno.EINVAL, "DMA map", type(buffer).__name__, "the buffer must be writable")
+    if not view.contiguous:
+        raise InvalidArgument(errno.EINVAL, "DMA map", type(buffer).__name__, "the buffer must be contiguous")
+    view.release()
+    ptr = ffi.from_buffer(buffer, require_writable=True)
+    return int(ffi.cast("uintptr_t", ptr)), len(ptr), ptr
+
+
+class Iommu:
+    """An IOMMU context devices attach to, in one of :data:`MODES`.
+
+    ``iommufd``/``ioas_id`` may be supplied by the caller (fd-first use, e.g. an iommufd
+    received from a privileged helper); then they are *not* closed or destroyed on
+    ``close()`` unless ``owned=True``.
+    """
+
+    def __init__(self, mode: str = "iommufd", *, iommufd: int | None = None, ioas_id: int | None = None,
+                 owned: bool | None = None):
+        if mode not in MODES:
+            raise InvalidArgument(errno.EINVAL, "Iommu", repr(mode), f"unknown IOMMU mode; modes: {', '.join(MODES)}")
+        self.mode = mode
+        self.mappings: dict[int, Mapping] = {}
+        self._iommu_set = False
+        self.allocator: IovaAllocator | None = None
+        if mode == "iommufd":
+            if iommufd is None:
+                self.fd = OwnedFd(_open("/dev/iommu"), "/dev/iommu")
+            else:
+                self.fd = OwnedFd(iommufd, "/dev/iommu (caller's)", owned=bool(owned))
+            self._owns_ioas = ioas_id is None or bool(owned)
+            self.ioas_id = ioas_id if ioas_id is not None else self._ioas_alloc()
+            self.kind = FdKind.IOMMUFD
+        else:
+            path = "/dev/vfio/vfio" if mode.startswith("vfio_") else "/dev/iommu"
+            self.fd = OwnedFd(_open(path), path)
+            self.ioas_id = None
+            self._owns_ioas = False
+            self.kind = FdKind.VFIO_CONTAINER
+            version = call(self.kind, self.fd.fileno(), "VFIO_GET_API_VERSION", target=path)
+            if version != lib.VFIO_API_VERSION:
+                self.fd.close()
+                raise NotSupported(errno.EINVAL, "VFIO_GET_API_VERSION", path, f"unknown VFIO API version {version}")
+
+    @property
+    def is_iommufd(self) -> bool:
+        return self.mode == "iommufd"
+
+    @property
+    def target(self) -> str:
+        return f"{self.fd.what} ({self.mode}{'' if self.ioas_id is None else f', ioas {self.ioas_id}'})"
+
+    def fileno(self) -> int:
+        return self.fd.fileno()
+
+    # --- iommufd objects -----------------------------------------------------------------
+    def _ioas_alloc(self) -> int:
+        return call(FdKind.IOMMUFD, self.fd.fileno(), "IOMMU_IOAS_ALLOC", target="/dev/iommu").out_ioas_id
+
+    def ioas_alloc(self) -> int:
+        """A new IOAS in this iommufd (caller destroys it with :meth:`destroy`)."""
+        self._need_iommufd("IOMMU_IOAS_ALLOC")
+        return self._ioas_alloc()
+
+    def destroy(self, object_id: int) -> None:
+        self._need_iommufd("IOMMU_DESTROY")
+        call(FdKind.IOMMUFD, self.fileno(), "IOMMU_DESTROY", id=object_id, target=f"{self.target} object {object_id}")
+
+    def _need_iommufd(self, what: str) -> None:
+        if not self.is_iommufd:
+            raise NotSupported(errno.ENOTTY, what, self.target, f"{what} needs the iommufd mode, this is {self.mode}")
+
+    # --- legacy container ----------------------------------------------------------------
+    def attach_group(self, group_fd: int, group: str) -> None:
+        """Put a VFIO group into this container and, the first time, choose the IOMMU type."""
+        call(FdKind.VFIO_GROUP, group_fd, "VFIO_GROUP_SET_CONTAINER", self.fileno(), target=group)
+        if not self._iommu_set:
+            t = getattr(lib, _TYPE[self.mode])
+            if call(self.kind, self.fileno(), "VFIO_CHECK_EXTENSION", t, target=self.target) <= 0:
+                raise NotSupported(errno.ENOTSUP, "VFIO_CHECK_EXTENSION", self.target,
+                                   f"the container does not support {_TYPE[self.mode]}")
+            call(self.kind, self.fileno(), "VFIO_SET_IOMMU", t, target=self.target)
+            self._iommu_set = True
+
+    # --- IOVA ranges -----------------------------------------------------------------------
+    def iova_ranges(self) -> list[IovaRange]:
+        """The IOVA ranges the devices attached now can use (re-query after attach/detach)."""
+        if self.is_iommufd:
+            n = 4
+            while True:
+                buf = ffi.new("struct iommu_iova_range[]", n)
+                try:
+                    arg = call(FdKind.IOMMUFD, self.fileno(), "IOMMU_IOAS_IOVA_RANGES", ioas_id=self.ioas_id,
+                               num_iovas=n, allowed_iovas=int(ffi.cast("uintptr_t", buf)), target=self.target)
+                except PyvfioError as exc:
+                    if exc.errno == errno.EMSGSIZE:
+                        n *= 2
+                        continue
+                    raise
+                return sorted(IovaRange(buf[i].start, buf[i].last) for i in range(arg.num_iovas))
+        info = self._type1_info()
+        return info["iova_ranges"]
+
+    def _type1_info(self) -> dict:
+        from .caps import walk_caps
+
+        arg = call(self.kind, self.fileno(), "VFIO_IOMMU_GET_INFO", target=self.target)
+        if arg.flags & lib.VFIO_IOMMU_INFO_CAPS and arg.argsz > ffi.sizeof("struct vfio_iommu_type1_info"):
+            extra = arg.argsz - ffi.sizeof("struct vfio_iommu_type1_info")
+            arg = call(self.kind, self.fileno(), "VFIO_IOMMU_GET_INFO", extra=extra, target=self.target)
+        ranges: list[IovaRange] = []
+        for cap_id, _version, ptr in walk_caps(arg, arg.cap_offset if arg.flags & lib.VFIO_IOMMU_INFO_CAPS else 0):
+            if cap_id == lib.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE:
+                cap = ffi.cast("struct vfio_iommu_type1_info_cap_iova_range *", ptr)
+                ranges += [IovaRange(cap.iova_ranges[i].start, cap.iova_ranges[i].end) for i in range(cap.nr_iovas)]
+        if not ranges:
+            ranges = [IovaRange(0, U64_MAX)]
+        return {"iova_pgsizes": arg.iova_pgsizes, "iova_ranges": sorted(ranges)}
+
+    def page_sizes(self) -> int | None:
+        """Bitmap of IOMMU page sizes (type1 modes); None for iommufd."""
+        return None if self.is_iommufd else self._type1_info()["iova_pgsizes"]
+
+    def iova_allocator(self, limit: int = U64_MAX) -> IovaAllocator:
+        self.allocator = IovaAllocator(self.iova_ranges(), limit)
+        return self.allocator
+
+    # --- map / unmap -----------------------------------------------------------------------
+    def map(self, buffer: Any, iova: int | None = None, *, size: int | None = None, readable: bool = True,
+            writeable: bool = True, unsafe_address: bool = False) -> Mapping:
+        """DMA-map ``buffer`` (a DmaBuffer, mmap, bytearray, or any writable contiguous
+        buffer; or a raw address with ``unsafe_address=True``) at ``iova`` (allocated when
+        None). The buffer is kept alive until it is unmapped. UNSAFE: see the module doc."""
+        if isinstance(buffer, int):
+            if not unsafe_address:
+                raise UnsafeOperation(errno.EINVAL, "DMA map", f"address {buffer:#x}",
+                                      "mapping a raw address needs unsafe_address=True (nothing keeps that memory alive)")
+            if size is None:
+                raise InvalidArgument(errno.EINVAL, "DMA map", f"address {buffer:#x}", "size is required with a raw address")
+            vaddr, length, export = buffer, size, None
+        else:
+            vaddr, length, export = _address_of(buffer)
+            if size is not None:
+                if size > length:
+                    raise InvalidArgument(errno.EINVAL, "DMA map", f"{length}-byte buffer", f"size {size} exceeds the buffer")
+                length = size
+        if vaddr % PAGE or length % PAGE or length == 0:
+            raise InvalidArgument(errno.EINVAL, "DMA map", f"vaddr {vaddr:#x} size {length:#x}",
+                                  f"address and size must be non-zero multiples of the page size ({PAGE})")
+        if iova is None:
+            iova = (self.allocator or self.iova_allocator()).alloc(length)
+        elif iova % PAGE:
+            raise InvalidArgument(errno.EINVAL, "DMA map", f"iova {iova:#x}", "iova must be page-aligned")
+        target = f"{self.target} iova {iova:#x} size {length:#x}"
+        if self.is_iommufd:
+            flags = lib.IOMMU_IOAS_MAP_FIXED_IOVA | (lib.IOMMU_IOAS_MAP_READABLE if readable else 0) \
+                | (lib.IOMMU_IOAS_MAP_WRITEABLE if writeable else 0)
+            call(FdKind.IOMMUFD, self.fileno(), "IOMMU_IOAS_MAP", flags=flags, ioas_id=self.ioas_id,
+                 user_va=vaddr, length=length, iova=iova, target=target)
+        else:
+            flags = (lib.VFIO_DMA_MAP_FLAG_READ if readable else 0) | (lib.VFIO_DMA_MAP_FLAG_WRITE if writeable else 0)
+            call(self.kind, self.fileno(), "VFIO_IOMMU_MAP_DMA", flags=flags, vaddr=vaddr, iova=iova, size=length,
+                 target=target)
+        m = Mapping(iova, length, vaddr, None if isinstance(buffer, int) else (buffer, export))
+        if isinstance(buffer, DmaBuffer):
+            buffer.mapped_by.add(id(self))
+        self.mappings[iova] = m
+        return m
+
+    def map_file(self, file: FileLike, iova: int | None = None, *, offset: int = 0, size: int,
+                 readable: bool = True, writeable: bool = True) -> Mapping:
+        """IOMMU_IOAS_MAP_FILE: map ``size`` bytes of a memfd at ``offset`` (iommufd mode only).
+        The mapping pins the file's pages; it does not depend on any process address."""
+        self._need_iommufd("IOMMU_IOAS_MAP_FILE")
+        if iova is None:
+            iova = (self.allocator or self.iova_allocator()).alloc(size)
+        flags = lib.IOMMU_IOAS_MAP_FIXED_IOVA | (lib.IOMMU_IOAS_MAP_READABLE if readable else 0) \
+            | (lib.IOMMU_IOAS_MAP_WRITEABLE if writeable else 0)
+        call(FdKind.IOMMUFD, self.fileno(), "IOMMU_IOAS_MAP_FILE", flags=flags, ioas_id=self.ioas_id,
+             fd=fileno_of(file), start=offset, length=size, iova=iova,
+             target=f"{self.target} iova {iova:#x} size {size:#x}")
+        m = Mapping(iova, size, None, None)
+        self.mappings[iova] = m
+        return m
+
+    def unmap(self, mapping: Mapping | int, size: int | None = None) -> int:
+        """Unmap a Mapping (or ``iova``, ``size``); returns the bytes unmapped."""
+        if isinstance(mapping, Mapping):
+            iova, size = mapping.iova, mapping.size
+        else:
+            iova = mapping
+            if size is None:
+                known = self.mappings.get(iova)
+                if known is None:
+                    raise InvalidArgument(errno.EINVAL, "DMA unmap", f"iova {iova:#x}", "size is required")
+                size = known.size
+        target = f"{self.target} iova {iova:#x} size {size:#x}"
+        if self.is_iommufd:
+            done = call(FdKind.IOMMUFD, self.fileno(), "IOMMU_IOAS_UNMAP", ioas_id=self.ioas_id, iova=iova,
+                        length=size, target=target).length
+        else:
+            done = call(self.kind, self.fileno(), "VFIO_IOMMU_UNMAP_DMA", iova=iova, size=size, target=target).size
+        self._forget(iova, size)
+        return done
+
+    def unmap_all(self) -> int:
+        """Unmap everything; returns the bytes unmapped."""
+        if self.is_iommufd:
+            try:
+                done = call(FdKind.IOMMUFD, self.fileno(), "IOMMU_IOAS_UNMAP", ioas_id=self.ioas_id, iova=0,
+                            length=U64_MAX, target=self.target).length
+            except NotFound:
+                done = 0
+        elif not self._iommu_set:
+            done = 0
+        else:
+            done = call(self.kind, self.fileno(), "VFIO_IOMMU_UNMAP_DMA", flags=lib.VFIO_DMA_UNMAP_FLAG_ALL,
+                        target=self.target).size
+        self._forget(0, U64_MAX)
+        return done
+
+    def _forget(self, iova: int, size: int) -> None:
+        for start in [s for s in self.mappings if iova <= s and s + self.mappings[s].size - 1 <= iova + size - 1]:
+            m = self.mappings.pop(start)
+            if m.keepalive and isinstance(m.keepalive[0], DmaBuffer):
+                m.keepalive[0].mapped_by.discard(id(self))
+
+    # --- lifetime --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Unmap everything mapped through this object, destroy an IOAS it allocated, close the fd."""
+        if self.fd.closed:
+            return
+        try:
+            if self.mappings:
+                self.unmap_all()
+            if self.is_iommufd and self._owns_ioas and self.ioas_id is not None:
+                try:
+                    self.destroy(self.ioas_id)
+                except PyvfioError:
+                    pass  # still attached to a device: it goes with the fd
+        finally:
+            self.fd.close()
+
+    def __enter__(self) -> "Iommu":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Iommu {self.target} mappings={len(self.mappings)}>"
+
+
+def _open(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise error_for(exc.errno or 0, f"open {path}", path) from None
