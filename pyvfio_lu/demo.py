@@ -69,7 +69,7 @@ def guest_stage1(step: Steps) -> int:
              f"10! = {e.factorial(10)}")
         dev.enable_bus_master()
         dev.iommu.map_file(ram, IOVA, size=RAM_SIZE, writeable=False)
-        e.dma_to_device(IOVA, edu.BUFFER_SIZE)
+        e.dma_to_device(IOVA, edu.DMA_MAX)
         step(f"guest RAM mapped at IOVA {IOVA:#x} (IOMMU_IOAS_MAP_FILE); edu DMA'd its first page")
         with LiveUpdate() as lu:
             session = lu.create_session(SESSION)
@@ -114,7 +114,7 @@ def guest_stage2(step: Steps) -> int:
             e = edu.Edu(dev)
             dev.enable_bus_master()
             dev.iommu.map_file(ram, IOVA, size=RAM_SIZE, writeable=False)
-            e.dma_to_device(IOVA + 4096, edu.BUFFER_SIZE)
+            e.dma_to_device(IOVA + 4096, edu.DMA_MAX)
             step(f"device set up again on a new iommufd (IOAS {dev.iommu.ioas_id}); guest RAM re-mapped at "
                  f"IOVA {IOVA:#x}; edu id {e.identify():#010x}; DMA from the preserved RAM done")
             dev.iommu.unmap_all()

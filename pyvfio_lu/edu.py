@@ -7,6 +7,11 @@ Registers (BAR0, 4-byte accesses below 0x80, 4 or 8 above; hw/misc/edu.c): 0x00 
 engine moves up to 4096 bytes between an IOVA and its buffer at device address
 0x40000, 100 ms of virtual time after the command is written; it masks IOVAs to
 28 bits (``DMA_LIMIT``).
+
+QEMU up to 8.x checks a transfer's range with an off-by-one (a transfer that ends exactly
+at the end of the 4 KiB buffer is "out of bounds") and then calls ``hw_error``, which
+aborts the whole VM. So one transfer moves at most ``DMA_MAX`` = 4095 bytes, and never
+reaches the buffer's last byte.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ REG_DMA_SRC, REG_DMA_DST, REG_DMA_COUNT, REG_DMA_CMD = 0x80, 0x88, 0x90, 0x98
 DMA_RUN, DMA_TO_RAM, DMA_IRQ = 0x1, 0x2, 0x4
 DEVICE_BUFFER = 0x40000
 BUFFER_SIZE = 4096
+DMA_MAX = BUFFER_SIZE - 1  # see the module doc: QEMU's edu aborts the VM otherwise
 DMA_LIMIT = (1 << 28) - 1
 
 
@@ -62,9 +68,10 @@ class Edu:
     def ack_irq(self, value: int = 0xFFFFFFFF) -> None:
         self.bar.write32(REG_IRQ_ACK, value)
 
-    def _dma(self, src: int, dst: int, count: int, cmd: int, timeout: float) -> None:
-        if not 0 < count <= BUFFER_SIZE:
-            raise ValueError(f"edu DMA moves 1..{BUFFER_SIZE} bytes, not {count}")
+    def _dma(self, src: int, dst: int, count: int, cmd: int, timeout: float, offset: int) -> None:
+        if count <= 0 or offset < 0 or offset + count > DMA_MAX:
+            raise ValueError(f"edu DMA covers bytes 0..{DMA_MAX - 1} of its buffer; "
+                             f"offset {offset} + count {count} does not fit")
         self.bar.write64(REG_DMA_SRC, src)
         self.bar.write64(REG_DMA_DST, dst)
         self.bar.write64(REG_DMA_COUNT, count)
@@ -73,8 +80,8 @@ class Edu:
 
     def dma_to_device(self, iova: int, count: int, offset: int = 0, timeout: float = 10.0, irq: bool = False) -> None:
         """Copy ``count`` bytes from ``iova`` into the device buffer (at ``offset``)."""
-        self._dma(iova, DEVICE_BUFFER + offset, count, DMA_IRQ if irq else 0, timeout)
+        self._dma(iova, DEVICE_BUFFER + offset, count, DMA_IRQ if irq else 0, timeout, offset)
 
     def dma_from_device(self, iova: int, count: int, offset: int = 0, timeout: float = 10.0, irq: bool = False) -> None:
         """Copy ``count`` bytes of the device buffer (from ``offset``) to ``iova``."""
-        self._dma(DEVICE_BUFFER + offset, iova, count, DMA_TO_RAM | (DMA_IRQ if irq else 0), timeout)
+        self._dma(DEVICE_BUFFER + offset, iova, count, DMA_TO_RAM | (DMA_IRQ if irq else 0), timeout, offset)

@@ -115,6 +115,10 @@ class LiveUpdateBusy(LiveUpdateError):
         self.holders = tuple(holders)
         super().__init__(err, operation, target, reason)
 
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.errno, self.operation, self.target, self.reason),
+                {"holders": self.holders})
+
 
 class IncomingStateFailed(LiveUpdateError):
     default_reason = (

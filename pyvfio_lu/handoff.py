@@ -11,6 +11,7 @@ The manifest says what each fd is, e.g. for a LUO session
 
 from __future__ import annotations
 
+import array
 import errno
 import json
 import os
@@ -85,14 +86,29 @@ def send_message(sock: socket.socket, header: dict[str, Any], fds: Iterable[int]
         raise ValueError(f"{len(names)} names for {len(fds)} fds")
     chunks = [(fds[i:i + MAX_FDS_PER_MESSAGE], names[i:i + MAX_FDS_PER_MESSAGE])
               for i in range(0, len(fds), MAX_FDS_PER_MESSAGE)] or [([], [])]
+    manifest = header.get("manifest") or {}
     for n, (chunk, chunk_names) in enumerate(chunks):
-        body = dict(header) if n == 0 else {"op": header.get("op")}
+        body = {k: v for k, v in header.items() if k != "manifest"} if n == 0 else {"op": header.get("op")}
         body["names"] = chunk_names
+        if manifest:  # each datagram carries the manifest entries of its own fds
+            body["manifest"] = {k: v for k, v in manifest.items() if k in chunk_names or not chunk_names}
         body["more"] = n < len(chunks) - 1
         data = json.dumps(body).encode()
         if len(data) > MAX_MESSAGE:
             raise ValueError(f"hand-off header of {len(data)} bytes exceeds {MAX_MESSAGE}")
         socket.send_fds(sock, [data], chunk)
+
+
+def _recv_fds(sock: socket.socket) -> tuple[bytes, list[int], int]:
+    """One datagram and its fds, received O_CLOEXEC. (``socket.recv_fds`` cannot do this:
+    CPython up to 3.12 ignores its ``flags`` argument, so MSG_CMSG_CLOEXEC never arrives.)"""
+    fds = array.array("i")
+    data, ancdata, flags, _ = sock.recvmsg(
+        MAX_MESSAGE, socket.CMSG_SPACE((MAX_FDS_PER_MESSAGE + 3) * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds), flags
 
 
 @dataclass
@@ -110,8 +126,7 @@ def recv_message(sock: socket.socket) -> Message | None:
     header: dict[str, Any] | None = None
     out = Message({})
     while True:
-        data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS_PER_MESSAGE + 3,
-                                              socket.MSG_CMSG_CLOEXEC)
+        data, fds, flags = _recv_fds(sock)
         owned = [OwnedFd(fd, "received fd") for fd in fds]
         if not data and not fds:
             out.close()
@@ -137,6 +152,8 @@ def recv_message(sock: socket.socket) -> Message | None:
                                f"{len(owned)} fds arrived for {len(names)} names")
         if header is None:
             header = body
+        elif body.get("manifest"):
+            header.setdefault("manifest", {}).update(body["manifest"])
         for name, f in zip(names, owned):
             f.what = f"received fd {name!r}"
             if name in out.fds:

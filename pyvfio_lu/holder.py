@@ -84,7 +84,8 @@ def raise_nofile_limit(wanted: int = 1 << 16) -> int:
 def _close_all_but(keep: list[int]) -> None:
     low = 0
     for fd in sorted(set(keep)):
-        os.closerange(low, fd)
+        if low < fd:  # os.closerange(a, b) with b <= a closes *everything* on CPython 3.11
+            os.closerange(low, fd)
         low = fd + 1
     os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
@@ -158,7 +159,7 @@ class Holder:
 
     def fetch(self, name: str) -> OwnedFd:
         """A new fd for what the holder keeps under ``name`` (it keeps its own)."""
-        reply = self._request({"op": "fetch", "names": [name]})
+        reply = self._request({"op": "fetch", "targets": [name]})
         try:
             return reply.fds.pop(name)
         except KeyError:
@@ -168,7 +169,7 @@ class Holder:
     def release(self, name: str) -> None:
         """The holder closes what it keeps under ``name`` (for a session: un-preserves it
         unless another fd for it is open elsewhere)."""
-        self._request({"op": "release", "names": [name]})
+        self._request({"op": "release", "targets": [name]})
 
     def stop(self) -> None:
         """Stop the daemon: it closes everything it holds."""
@@ -191,7 +192,7 @@ def serve(path: str, expected_uid: int | None) -> None:
             if msg is None:
                 continue
             op = msg.header.get("op")
-            names = msg.header.get("names", [])
+            targets = msg.header.get("targets", [])
             reply: dict[str, Any] = {"ok": True}
             out_fds: list[int] = []
             if op == "hold":
@@ -203,14 +204,14 @@ def serve(path: str, expected_uid: int | None) -> None:
             elif op == "list":
                 reply["manifest"] = manifest
             elif op == "fetch":
-                missing = [n for n in names if n not in held]
+                missing = [n for n in targets if n not in held]
                 if missing:
                     reply = {"ok": False, "error": f"not held: {', '.join(missing)}"}
                 else:
-                    reply["names"] = names
-                    out_fds = [held[n].fileno() for n in names]
+                    reply["names"] = targets
+                    out_fds = [held[n].fileno() for n in targets]
             elif op == "release":
-                for n in names:
+                for n in targets:
                     if n in held:
                         held.pop(n).close()
                         manifest.pop(n, None)

@@ -146,14 +146,16 @@ def raise_for(err: int, name: str, target: str) -> None:
     raise error_for(err, name, target)
 
 
-def call(kind: FdKind, fd: int, name: str, arg: Any = None, *, target: str = "", extra: int = 0,
-         tail: bytes = b"", size: int | None = None, **fields: Any) -> Any:
+def call(kind: FdKind, fd: int, name: str, arg: Any = None, /, *, target: str = "", extra: int = 0,
+         tail: bytes = b"", arg_size: int | None = None, **fields: Any) -> Any:
     """Issue ``name`` on ``fd`` (an fd of ``kind``) and return the argument struct, or the
     kernel's return value for requests that take no struct.
 
     ``arg``: a prepared argument (struct pointer, integer value, string, int) used as is;
     otherwise a zeroed struct is made, ``extra`` bytes longer, with ``tail`` written right
-    after the struct, its size field set, and then ``fields`` assigned.
+    after the struct, its size field set (to ``arg_size`` if given), and then ``fields``
+    assigned. ``kind``, ``fd``, ``name`` and ``arg`` are positional-only, so struct fields
+    with those names (``fd``, ``name``, ``size``) can be passed as keywords.
     """
     req = request(kind, name)
     if isinstance(req.arg, Arg):
@@ -169,7 +171,7 @@ def call(kind: FdKind, fd: int, name: str, arg: Any = None, *, target: str = "",
             raise error_for(-ret, name, target)
         return ret
     if arg is None:
-        arg = new_arg(req, extra + len(tail), size)
+        arg = new_arg(req, extra + len(tail), arg_size)
         if tail:
             ffi.memmove(ffi.cast("char *", arg) + ffi.sizeof(f"struct {req.arg}"), tail, len(tail))
         for field, value in fields.items():

@@ -37,7 +37,7 @@ _TYPE = {"vfio_type1_iommu": "VFIO_TYPE1_IOMMU", "vfio_type1v2_iommu": "VFIO_TYP
          "iommufd_compat_type1": "VFIO_TYPE1_IOMMU", "iommufd_compat_type1v2": "VFIO_TYPE1v2_IOMMU"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class IovaRange:
     start: int
     last: int  # inclusive

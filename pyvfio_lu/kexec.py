@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="replace or add a command-line parameter (repeatable)")
     parser.add_argument("--exec", action="store_true", help="reboot into the loaded kernel now")
+    parser.add_argument("--announce", metavar="TEXT", help="print TEXT (e.g. a log marker) just before rebooting")
     args = parser.parse_args(argv)
     cmd = args.cmdline if args.cmdline is not None else current_cmdline()
     for item in args.set:
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         load(args.kernel, args.initrd, cmd)
         print(f"loaded {args.kernel} with command line: {cmd}", flush=True)
         if args.exec:
+            if args.announce:
+                print(args.announce, flush=True)
             execute()
     except PyvfioError as exc:
         print(f"error: {exc}", file=sys.stderr)

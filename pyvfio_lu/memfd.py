@@ -14,7 +14,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 
-from .errors import PyvfioError, error_for
+from .errors import PermissionDenied, PyvfioError, error_for
 from .fd import OwnedFd
 
 SEALS = {
@@ -106,6 +106,10 @@ class Memfd(OwnedFd):
         try:
             os.ftruncate(self.fileno(), size)
         except OSError as exc:
+            sealed = exc.errno == errno.EPERM and self.seals & (SEALS["grow"] | SEALS["shrink"])
+            if sealed:
+                raise PermissionDenied(exc.errno, "ftruncate", self.what,
+                                       "the memfd is sealed against resizing (F_SEAL_GROW/F_SEAL_SHRINK)") from None
             raise error_for(exc.errno or 0, "ftruncate", self.what) from None
 
     # --- seals ---------------------------------------------------------------------------

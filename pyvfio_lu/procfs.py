@@ -17,9 +17,9 @@ class FdHolder:
     comm: str
 
 
-def _comm(pid: int) -> str:
+def _comm(pid: int, proc: str = "/proc") -> str:
     try:
-        with open(f"/proc/{pid}/comm") as fh:
+        with open(f"{proc}/{pid}/comm") as fh:
             return fh.read().strip()
     except OSError:
         return "?"
@@ -41,7 +41,7 @@ def holders(match: Callable[[str], bool], proc: str = "/proc") -> Iterator[FdHol
             except OSError:
                 continue
             if match(link):
-                yield FdHolder(int(entry), int(fd), link, _comm(int(entry)))
+                yield FdHolder(int(entry), int(fd), link, _comm(int(entry), proc))
 
 
 def liveupdate_holders(proc: str = "/proc") -> list[FdHolder]:

@@ -35,9 +35,10 @@ def notify(state: str, fds: list[int] = (), notify_socket: str | None = None) ->
     target = notify_socket or os.environ.get("NOTIFY_SOCKET")
     if not target:
         raise NotifyError(errno.ENOENT, "sd_notify", "$NOTIFY_SOCKET", "not running under systemd (NOTIFY_SOCKET unset)")
+    address = _address(target)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         try:
-            sock.connect(_address(target))
+            sock.connect(address)
             socket.send_fds(sock, [state.encode()], list(fds))
         except OSError as exc:
             raise NotifyError(exc.errno, "sd_notify", target) from None

@@ -36,26 +36,71 @@ def _read(path: str) -> str | None:
         return None
 
 
-def liveupdate_number(path: str = KHO_IN_LUO) -> int | None:
-    """The live update number handed over by the previous kernel (``struct luo_ser``:
-    ``char compatible[8]; u64 liveupdate_num; ...``), or None if this was a cold boot."""
+KMSG_MARKER = "Retrieved live update data, liveupdate number: "
+
+
+def liveupdate_number(path: str = KHO_IN_LUO, kmsg: str = "/dev/kmsg") -> int | None:
+    """The live update number handed over by the previous kernel, or None on a cold boot.
+
+    Read from the incoming LUO blob in debugfs (``struct luo_ser``: ``char compatible[8];
+    u64 liveupdate_num; ...``) while it exists, else from the line LUO logs at boot
+    (``luo: Retrieved live update data, liveupdate number: N``).
+    """
     try:
         with open(path, "rb") as fh:
             blob = fh.read(16)
+        if len(blob) == 16 and blob.startswith(b"luo-"):
+            return struct.unpack_from("<Q", blob, 8)[0]
+    except OSError:
+        pass
+    return _number_from_kmsg(kmsg)
+
+
+def _number_from_kmsg(kmsg: str) -> int | None:
+    try:
+        fd = os.open(kmsg, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
-    if len(blob) < 16 or not blob.startswith(b"luo-"):
-        return None
-    return struct.unpack_from("<Q", blob, 8)[0]
+    try:
+        while True:
+            try:
+                record = os.read(fd, 8192).decode(errors="replace")
+            except BlockingIOError:
+                return None
+            except OSError:  # EPIPE: a record was overwritten while reading; go on
+                continue
+            if not record:
+                return None
+            at = record.find(KMSG_MARKER)
+            if at >= 0:
+                digits = record[at + len(KMSG_MARKER):].split()[0]
+                return int(digits) if digits.isdigit() else None
+    finally:
+        os.close(fd)
 
 
 def kho_enabled(cmdline: str) -> bool | None:
     if os.path.isdir(f"{DEBUGFS}/kho"):
         return True
-    words = cmdline.split()
-    if "kho=on" in words or "kho=1" in words or "kho=y" in words:
+    value = None
+    for word in cmdline.split():
+        if word.startswith("kho="):
+            parsed = kstrtobool(word[4:])
+            if parsed is not None:
+                value = parsed  # the kernel applies each occurrence: the last one wins
+    return value
+
+
+def kstrtobool(text: str) -> bool | None:
+    """The kernel's kstrtobool (lib/kstrtox.c): y/t/e/1/on -> True, n/f/d/0/off -> False."""
+    t = text.lower()
+    if t[:1] in ("y", "1", "t", "e"):
         return True
-    if "kho=off" in words or "kho=0" in words:
+    if t[:1] in ("n", "0", "f", "d"):
+        return False
+    if t.startswith("on"):
+        return True
+    if t.startswith("of"):
         return False
     return None
 

@@ -97,28 +97,22 @@ class GuestResult:
         }
 
 
-def kexec_commands(kernel: Path, initrd: Path, next_stage: int) -> str:
+def kexec_commands(kernel: Path, initrd: Path, next_stage: int, python: str | None = None) -> str:
     """The shell lines that live-update the guest into ``next_stage``; they return only on failure.
 
-    Today kexec-tools: ``kexec -s -l`` (``kexec_file_load``, the only loader that hands the KHO
-    data over) of the same kernel and initramfs with the running command line, its
-    ``pyvfio_lu.stage=`` changed, then ``kexec -e`` (a direct ``reboot(LINUX_REBOOT_CMD_KEXEC)``).
+    pyvfio_lu's own kexec (``python -m pyvfio_lu.kexec``): ``kexec_file_load`` (the only loader
+    that hands the KHO data over) of the same kernel and initramfs with the running command
+    line, its ``pyvfio_lu.stage=`` changed, then ``reboot(LINUX_REBOOT_CMD_KEXEC)``.
     Background processes, such as a daemon holding LUO session fds, are left running on purpose:
     closing those fds before the kexec would un-preserve everything.
     """
-    stage = f"pyvfio_lu.stage={next_stage}"
+    py = shlex.quote(python or sys.executable)
     return f"""\
-cmdline=$(sed 's/pyvfio_lu\\.stage=[0-9]*/{stage}/' /proc/cmdline)
-case " $cmdline " in *" {stage} "*) ;; *) cmdline="$cmdline {stage}" ;; esac
 echo "pyvfio-lu: kexec load"
-kexec -s -l {shlex.quote(str(kernel))} --initrd={shlex.quote(str(initrd))} --command-line="$cmdline"
+sync
+{py} -m pyvfio_lu.kexec --kernel {shlex.quote(str(kernel))} --initrd {shlex.quote(str(initrd))} \\
+    --set pyvfio_lu.stage={next_stage} --exec --announce "pyvfio-lu: kexec exec"
 krc=$?
-if [ "$krc" -eq 0 ]; then
-    sync
-    echo "pyvfio-lu: kexec exec"
-    kexec -e
-    krc=$?
-fi
 echo "pyvfio-lu: kexec failed rc=$krc"
 """
 

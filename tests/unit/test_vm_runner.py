@@ -307,30 +307,32 @@ def test_run_script_shape(tmp_path: Path) -> None:
     path = tmp_path / "run.sh"
     path.write_text(text)
     subprocess.run(["sh", "-n", str(path)], check=True)
-    assert "kexec -s -l '/k/bz Image' --initrd=/k/i.gz --command-line=\"$cmdline\"" in text
-    assert text.index("/shared/stage-1.rc") < text.index("kexec -e") < text.index("2)")
+    assert "-m pyvfio_lu.kexec --kernel '/k/bz Image' --initrd /k/i.gz" in text
+    assert text.index("/shared/stage-1.rc") < text.index("pyvfio_lu.kexec") < text.index("2)")
     assert "pyvfio_lu.stage=2" in text and "kill" not in text
     single = run.run_script({1: "a"}, Path("/k/bz"), Path("/k/i"), Path("/w"))
     assert "kexec" not in single
 
 
-def test_kexec_cmdline_rewrite(tmp_path: Path) -> None:
-    snippet = run.kexec_commands(Path("/k"), Path("/i"), 2)
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "kexec").write_text('#!/bin/sh\necho "kexec $*" >> "$LOG"\n')
-    (fake / "kexec").chmod(0o755)
-    for cmdline, want in (("a pyvfio_lu.stage=1 b", "a pyvfio_lu.stage=2 b"), ("a b", "a b pyvfio_lu.stage=2")):
-        (tmp_path / "cmdline").write_text(cmdline + "\n")
-        log = tmp_path / "log"
-        log.write_text("")
-        body = snippet.replace("/proc/cmdline", str(tmp_path / "cmdline"))
-        out = subprocess.run(["sh", "-c", body], capture_output=True, text=True,
-                             env={"PATH": f"{fake}:/usr/bin:/bin", "LOG": str(log)}).stdout
-        assert f"--command-line={want}" in log.read_text()
-        assert log.read_text().splitlines()[1] == "kexec -e"
-        assert out.splitlines() == ["pyvfio-lu: kexec load", "pyvfio-lu: kexec exec",
-                                    "pyvfio-lu: kexec failed rc=0"]
+def test_kexec_step_runs_pyvfio_lu_kexec(tmp_path: Path) -> None:
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "$*" >> "$LOG"\necho "pyvfio-lu: kexec exec"\nexit 1\n')
+    fake.chmod(0o755)
+    snippet = run.kexec_commands(Path("/k"), Path("/i"), 2, python=str(fake))
+    log = tmp_path / "log"
+    out = subprocess.run(["sh", "-c", snippet], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "LOG": str(log)}).stdout
+    assert log.read_text().split() == ["-m", "pyvfio_lu.kexec", "--kernel", "/k", "--initrd", "/i", "--set",
+                                       "pyvfio_lu.stage=2", "--exec", "--announce", "pyvfio-lu:", "kexec", "exec"]
+    assert out.splitlines() == ["pyvfio-lu: kexec load", "pyvfio-lu: kexec exec", "pyvfio-lu: kexec failed rc=1"]
+
+
+def test_kexec_cmdline_rewrite() -> None:
+    from pyvfio_lu.kexec import cmdline_with
+
+    assert cmdline_with("a pyvfio_lu.stage=1 b", pyvfio_lu__stage="2") == "a b pyvfio_lu.stage=2"
+    assert cmdline_with("a b", pyvfio_lu__stage="2") == "a b pyvfio_lu.stage=2"
+    assert cmdline_with("kho=on x=1", x="2", y="3") == "kho=on x=2 y=3"
 
 
 FAKE_GUEST = """\
@@ -371,7 +373,7 @@ def test_run_in_guest_with_fake_qemu(tmp_path: Path, fake_qemu) -> None:  # type
     assert res.qemu_rc == 0 and res.console_log.exists()
     assert (tmp_path / "out" / "stage-2.sh").read_text() == "false\n"
     assert (tmp_path / "out" / "result.json").exists()
-    assert "kexec -s -l" in (tmp_path / "out" / "run.sh").read_text()
+    assert "-m pyvfio_lu.kexec" in (tmp_path / "out" / "run.sh").read_text()
     assert "stage 2 rc=5" in res.summary()
 
 
