@@ -14,6 +14,7 @@ import hashlib
 import os
 import sys
 import time
+from pathlib import Path
 
 EDU_BDF = "0000:00:04.0"
 SESSION = "demo-vm"
@@ -38,6 +39,22 @@ class Steps:
 def _ram_pattern() -> bytes:
     block = hashlib.sha256(b"pyvfio-lu demo guest RAM").digest() * 128  # 4 KiB
     return block * (RAM_SIZE // len(block))
+
+
+def _dma_check(dev, e, ram, offset: int) -> bool:
+    """edu copies guest RAM at IOVA+offset into its buffer and back out to a scratch
+    page; the scratch page must then hold the same bytes as the RAM."""
+    from . import edu
+    from .iommu import DmaBuffer
+
+    scratch_iova = IOVA + RAM_SIZE
+    with DmaBuffer(4096) as scratch:
+        m = dev.iommu.map(scratch, scratch_iova)
+        e.dma_to_device(IOVA + offset, edu.DMA_MAX)
+        e.dma_from_device(scratch_iova, edu.DMA_MAX)
+        same = scratch.read(0, edu.DMA_MAX) == os.pread(ram.fileno(), edu.DMA_MAX, offset)
+        dev.iommu.unmap(m)
+    return same
 
 
 def guest_stage1(step: Steps) -> int:
@@ -69,8 +86,11 @@ def guest_stage1(step: Steps) -> int:
              f"10! = {e.factorial(10)}")
         dev.enable_bus_master()
         dev.iommu.map_file(ram, IOVA, size=RAM_SIZE, writeable=False)
-        e.dma_to_device(IOVA, edu.DMA_MAX)
-        step(f"guest RAM mapped at IOVA {IOVA:#x} (IOMMU_IOAS_MAP_FILE); edu DMA'd its first page")
+        ok = _dma_check(dev, e, ram, 0)
+        step(f"guest RAM mapped at IOVA {IOVA:#x} (IOMMU_IOAS_MAP_FILE); edu DMA'd a page of it out and back: "
+             f"{'bytes identical' if ok else 'MISMATCH'}")
+        if not ok:
+            return 1
         with LiveUpdate() as lu:
             session = lu.create_session(SESSION)
             session.preserve(ram, RAM_TOKEN)
@@ -114,9 +134,12 @@ def guest_stage2(step: Steps) -> int:
             e = edu.Edu(dev)
             dev.enable_bus_master()
             dev.iommu.map_file(ram, IOVA, size=RAM_SIZE, writeable=False)
-            e.dma_to_device(IOVA + 4096, edu.DMA_MAX)
+            ok = _dma_check(dev, e, ram, 4096)
             step(f"device set up again on a new iommufd (IOAS {dev.iommu.ioas_id}); guest RAM re-mapped at "
-                 f"IOVA {IOVA:#x}; edu id {e.identify():#010x}; DMA from the preserved RAM done")
+                 f"IOVA {IOVA:#x}; edu id {e.identify():#010x}; DMA of the preserved RAM out and back: "
+                 f"{'bytes identical' if ok else 'MISMATCH'}")
+            if not ok:
+                return 1
             dev.iommu.unmap_all()
         session.finish()
         step("session finished: the kernel released what it kept for it")
@@ -134,7 +157,7 @@ def host(iommu: str, timeout: float) -> int:
     how = "built" if image.build_seconds else "cached"
     print(f"kernel: {image.bzimage} ({how}, Debian linux-source {image.version})", flush=True)
     python = sys.executable
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = Path(__file__).resolve().parent.parent
 
     def echo(t: float, line: str) -> None:
         if line.startswith(PREFIX) or line.startswith("pyvfio-lu:") or "Traceback" in line or "Error" in line:
@@ -142,7 +165,8 @@ def host(iommu: str, timeout: float) -> int:
 
     result = run_in_guest(f"{python} -m pyvfio_lu.demo --guest-stage 1",
                           f"{python} -m pyvfio_lu.demo --guest-stage 2",
-                          iommu=iommu, timeout=timeout, cwd=root, on_line=echo)
+                          iommu=iommu, timeout=timeout, cwd=root, on_line=echo,
+                          results_dir=root / "results" / "demo" / time.strftime("%Y%m%d-%H%M%S"))
     print(result.summary(), flush=True)
     print(f"demo wall time: {time.monotonic() - t0:.1f} s", flush=True)
     return 0 if result.ok and result.kexec else 1

@@ -193,7 +193,7 @@ def run_in_guest(stage1: str, stage2: str | None = None, *, iommu: str = "intel"
     results = _prepare_results(results_dir)
     for n, command in stages.items():
         (results / f"stage-{n}.sh").write_text(command.rstrip("\n") + "\n")
-    workdir = (cwd or Path.cwd()).resolve()
+    workdir = Path(cwd or Path.cwd()).resolve()
     (results / "run.sh").write_text(run_script(stages, kernel, initrd, workdir))
     if accel is None:
         accel = qemu.choose_accel(lambda: qemu.probe_kvm(kernel, initrd),
