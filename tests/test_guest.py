@@ -35,6 +35,9 @@ def _guest_nodeids() -> list[str]:
 
 
 GUEST_TESTS = [] if os.environ.get("PYVFIO_LU_SKIP_GUEST") else _guest_nodeids()
+# Every guest test runs once per vIOMMU: QEMU's intel-iommu (interrupt remapping) and
+# virtio-iommu (no interrupt remapping: the runner adds the allow_unsafe_interrupts options).
+IOMMUS = [m for m in os.environ.get("PYVFIO_LU_GUEST_IOMMUS", "intel,virtio").split(",") if m]
 
 
 def _pytest_command(stage: int, results: str) -> str:
@@ -42,18 +45,31 @@ def _pytest_command(stage: int, results: str) -> str:
             f"{sys.executable} -m pytest -p no:cacheprovider -q -rfEs tests/guest")
 
 
+_RUNS: dict[str, dict] = {}
+
+
 @pytest.fixture(scope="session")
 def guest_results():
-    """Run all guest tests in one boot-kexec-boot cycle; {nodeid: result} plus the run."""
+    """{iommu: results of one boot-kexec-boot run of all guest tests}, each run made on first use."""
+
+    def get(iommu: str) -> dict:
+        if iommu not in _RUNS:
+            _RUNS[iommu] = _run_guest(iommu)
+        return _RUNS[iommu]
+
+    return get
+
+
+def _run_guest(iommu: str) -> dict:
     from pyvfio_lu.vm.qemu import GuestError
     from pyvfio_lu.vm.run import run_in_guest
 
-    results_dir = ROOT / "results" / "guest" / time.strftime("%Y%m%d-%H%M%S")
+    results_dir = ROOT / "results" / "guest" / f"{time.strftime('%Y%m%d-%H%M%S')}-{iommu}"
     timeout = float(os.environ.get("PYVFIO_LU_GUEST_TIMEOUT", "1800"))
     error = None
     try:
         run = run_in_guest(_pytest_command(1, "/shared"), _pytest_command(2, "/shared"),
-                           results_dir=results_dir, timeout=timeout, cwd=ROOT)
+                           iommu=iommu, results_dir=results_dir, timeout=timeout, cwd=ROOT)
         console, summary = run.console_log, run.summary()
     except GuestError as exc:
         error, console, summary = exc, results_dir / "console.log", str(exc)
@@ -71,7 +87,9 @@ def guest_results():
 
 
 @pytest.mark.parametrize("nodeid", GUEST_TESTS)
-def test_in_guest(nodeid: str, guest_results) -> None:
+@pytest.mark.parametrize("iommu", IOMMUS)
+def test_in_guest(iommu: str, nodeid: str, guest_results) -> None:
+    guest_results = guest_results(iommu)
     res = guest_results["tests"].get(nodeid)
     if res is None:
         why = f"guest run failed: {guest_results['error']}" if guest_results["error"] else "it did not run in the guest"

@@ -212,7 +212,7 @@ def test_wrong_direction(luo):
 
 def test_short_size_and_nonzero_tail(luo):
     with pytest.raises(errors.InvalidArgument):  # size < struct
-        call(FdKind.LUO_DEVICE, luo.fileno(), "LIVEUPDATE_IOCTL_CREATE_SESSION", size=8, name=b"short")
+        call(FdKind.LUO_DEVICE, luo.fileno(), "LIVEUPDATE_IOCTL_CREATE_SESSION", arg_size=8, name=b"short")
     with pytest.raises(errors.ArgumentTooLarge) as exc:  # size > struct with a non-zero tail
         call(FdKind.LUO_DEVICE, luo.fileno(), "LIVEUPDATE_IOCTL_CREATE_SESSION", tail=b"\1", name=b"tail")
     assert exc.value.errno == errno.E2BIG
@@ -280,3 +280,51 @@ def test_gc_of_session_with_preserved_files_warns(luo):
         gc.collect()
     m.resize(1)  # the preservation really is gone: the memfd is no longer frozen
     m.close()
+
+
+def test_kexec_load_without_cap_sys_boot():
+    from pyvfio_lu import kexec
+
+    pid = os.fork()
+    if pid == 0:  # the child drops root and tries to load a kernel
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                kexec.load("/proc/self/exe", None, "console=ttyS0")
+            except errors.KexecNotPermitted as exc:
+                code = 0 if exc.errno == errno.EPERM and "CAP_SYS_BOOT" in str(exc) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_kexec_load_of_a_non_kernel_is_a_named_error(tmp_path):
+    from pyvfio_lu import kexec
+
+    junk = tmp_path / "not-a-kernel"
+    junk.write_bytes(b"\0" * 4096)
+    with pytest.raises(errors.KexecError) as exc:
+        kexec.load(str(junk), None, "console=ttyS0")
+    assert "kexec_file_load" in str(exc.value) and str(junk) in str(exc.value)
+    assert not kexec.loaded()
+
+
+def test_status_names_session_holders(luo):
+    from pyvfio_lu import status
+    from pyvfio_lu.holder import Holder
+
+    holder = Holder.spawn("/run/pyvfio-lu-status-test.sock")
+    try:
+        s = luo.create_session("status-held")
+        holder.hold_session(s)
+        st = status.status()
+        assert st.luo_enabled and st.kho_enabled
+        assert os.getpid() in [h["pid"] for h in st.holders_of_device]  # the `luo` fixture's open
+        held = st.sessions["status-held"]
+        assert len(held) == 1 and held[0]["pid"] != os.getpid() and held[0]["comm"].startswith("python")
+    finally:
+        holder.stop()  # closes the session: nothing stays preserved
+    assert "status-held" not in status.status().sessions

@@ -70,9 +70,11 @@ def test_config_space(dev):
 def test_bar0_registers_exact_width(dev):
     e = edu.Edu(dev)
     assert e.identify() == 0x010000ED
-    # edu answers only 4-byte accesses below 0x80: a 1-byte load proves the width is exact
-    assert dev.bar(0).read8(0) == 0xFF
-    assert dev.bar(0).read16(0) == 0xFFFF
+    # edu accepts only 4-byte accesses below 0x80 (QEMU refuses narrower ones), so a
+    # narrow read that really is narrow cannot see the id's low byte 0xed; a 32-bit read
+    # with the low byte masked off (what slicing an mmap may do) would.
+    assert dev.bar(0).read8(0) != 0xED
+    assert dev.bar(0).read16(0) != 0x00ED
     assert e.liveness(0x12345678) == 0xEDCBA987
     assert e.factorial(10) == 3628800
     with pytest.raises(errors.InvalidArgument):
@@ -104,13 +106,13 @@ def test_msi_delivered_to_eventfd(dev):
 def test_dma_round_trip(dev):
     e = edu.Edu(dev)
     dev.enable_bus_master()
-    pattern = bytes((i * 7 + 3) & 0xFF for i in range(edu.BUFFER_SIZE))
+    pattern = bytes((i * 7 + 3) & 0xFF for i in range(edu.DMA_MAX))
     with DmaBuffer(2 * PAGE) as buf:
         m = dev.iommu.map(buf, IOVA)
         buf.write(pattern)
-        e.dma_to_device(IOVA, edu.BUFFER_SIZE)  # RAM -> device
-        e.dma_from_device(IOVA + PAGE, edu.BUFFER_SIZE)  # device -> RAM, next page
-        assert buf.read(PAGE, edu.BUFFER_SIZE) == pattern
+        e.dma_to_device(IOVA, edu.DMA_MAX)  # RAM -> device
+        e.dma_from_device(IOVA + PAGE, edu.DMA_MAX)  # device -> RAM, next page
+        assert buf.read(PAGE, edu.DMA_MAX) == pattern
         assert dev.iommu.unmap(m) == 2 * PAGE
 
 
@@ -256,3 +258,16 @@ def test_preserve_on_kernel_without_vfio_live_update(cdev):
         assert "CONFIG_VFIO_PCI_LIVEUPDATE" in str(exc.value)
         assert s.preserved.keys() == {1}  # the session lost nothing
     assert edu.Edu(cdev).identify() == edu.ID  # and the device still works
+
+
+def test_intx_delivered_and_unmasked(dev):
+    e = edu.Edu(dev)
+    info = dev.irq_info(lib.VFIO_PCI_INTX_IRQ_INDEX)
+    assert info.count == 1 and info.automasked
+    (efd,) = dev.enable_irq(lib.VFIO_PCI_INTX_IRQ_INDEX)
+    for _ in range(2):  # the second round proves the unmask re-armed the line
+        e.raise_irq(1)
+        assert efd.wait(timeout=10) >= 1
+        e.ack_irq()
+        dev.unmask_irq(lib.VFIO_PCI_INTX_IRQ_INDEX)
+    dev.disable_irq(lib.VFIO_PCI_INTX_IRQ_INDEX)

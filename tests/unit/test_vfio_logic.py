@@ -1,0 +1,134 @@
+"""Pure logic of the VFIO layer that needs no device: the IOVA allocator, the live-update
+readiness checks, the "preserved device" message, capability-chain walking, argument checks."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from pyvfio_lu import errors
+from pyvfio_lu._cffi import ffi, lib
+from pyvfio_lu.caps import walk_caps
+from pyvfio_lu.iommu import PAGE, DmaBuffer, Iommu, IovaAllocator, IovaRange
+from pyvfio_lu.vfio import VfioDevice, _open_error, _record_preserved, preserved_record
+
+
+def test_iova_allocator_aligns_and_respects_limit():
+    a = IovaAllocator([IovaRange(0, 0xFEDFFFFF), IovaRange(0xFEF00000, 2**48 - 1)], limit=(1 << 28) - 1)
+    first = a.alloc(PAGE)
+    assert first == PAGE  # page 0 is never handed out
+    big = a.alloc(2 << 20)
+    assert big % (2 << 20) == 0 and big + (2 << 20) - 1 <= (1 << 28) - 1
+    with pytest.raises(errors.PyvfioError) as exc:
+        a.alloc(1 << 28)
+    assert exc.value.errno == errno.ENOSPC
+
+
+def test_iova_ranges_sort():
+    assert sorted([IovaRange(5, 6), IovaRange(1, 2)])[0] == IovaRange(1, 2)
+
+
+def test_dma_buffer_rejects_bad_sizes_and_close_while_mapped():
+    with pytest.raises(errors.InvalidArgument):
+        DmaBuffer(100)
+    buf = DmaBuffer(PAGE)
+    buf.write(b"abc")
+    assert buf.read(0, 3) == b"abc" and buf.address % PAGE == 0
+    buf.mapped_by.add(1)
+    with pytest.raises(errors.UnsafeOperation):
+        buf.close()
+    buf.mapped_by.clear()
+    buf.close()
+    buf.close()  # idempotent
+
+
+def test_unknown_iommu_mode():
+    with pytest.raises(errors.InvalidArgument, match="unknown IOMMU mode"):
+        Iommu("vfio_type2")
+
+
+def _fake_device(monkeypatch, *, cdev=True, bound=True, irqs=None, power="D0") -> VfioDevice:
+    r, w = os.pipe()
+    os.close(w)
+    dev = VfioDevice(r, iommu=None, bdf="0000:00:04.0", cdev=cdev, bound=bound)
+    dev._irqs_enabled = dict(irqs or {})
+    monkeypatch.setattr(dev, "power_state", lambda: power)
+    return dev
+
+
+def test_live_update_readiness_names_every_unmet_condition(monkeypatch):
+    dev = _fake_device(monkeypatch, irqs={1: 1}, power="D3hot")
+    with pytest.raises(errors.NotLiveUpdateReady) as exc:
+        dev.check_live_update_ready()
+    msg = str(exc.value)
+    assert "IRQs are enabled" in msg and "D3hot" in msg and "0000:00:04.0" in msg
+    dev.close()
+    for kwargs, text in (({"cdev": False}, "only a cdev fd"), ({"bound": False}, "not bound to an iommufd")):
+        dev = _fake_device(monkeypatch, **kwargs)
+        with pytest.raises(errors.NotLiveUpdateReady, match=text):
+            dev.check_live_update_ready()
+        dev.close()
+    dev = _fake_device(monkeypatch)
+    dev.check_live_update_ready()  # all conditions met: no error
+    dev.close()
+
+
+def test_preserve_checks_before_touching_the_session(monkeypatch):
+    class Session:
+        name = "s"
+        calls = 0
+
+        def preserve(self, *a):
+            self.calls += 1
+
+    dev = _fake_device(monkeypatch, power="D3cold")
+    s = Session()
+    with pytest.raises(errors.NotLiveUpdateReady):
+        dev.preserve(s, 1)
+    assert s.calls == 0
+    dev.close()
+
+
+def test_preserved_device_open_error_names_the_session(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYVFIO_LU_STATE_DIR", str(tmp_path))
+    _record_preserved("0000:00:04.0", "vm-7", 0x2)
+    assert preserved_record("0000:00:04.0")["session"] == "vm-7"
+    exc = _open_error(OSError(errno.EBUSY, "busy"), "open VFIO device", "0000:00:04.0")
+    assert isinstance(exc, errors.DevicePreserved) and exc.errno == errno.EBUSY
+    assert "retrieve it from session 'vm-7' (token 0x2)" in str(exc)
+    other = _open_error(OSError(errno.EBUSY, "busy"), "open VFIO device", "0000:00:05.0")
+    assert isinstance(other, errors.DevicePreserved) and "its LUO session" in str(other)
+    assert isinstance(_open_error(OSError(errno.ENOENT, "x"), "open VFIO device", "p"), errors.NotFound)
+
+
+def _info_with_caps(caps: list[tuple[int, bytes]]):
+    base = ffi.sizeof("struct vfio_region_info")
+    blob = bytearray(base + sum(8 + len(body) for _, body in caps))
+    arg = ffi.from_buffer("struct vfio_region_info *", blob)
+    arg.argsz = len(blob)
+    off = base
+    for i, (cid, body) in enumerate(caps):
+        nxt = off + 8 + len(body) if i < len(caps) - 1 else 0
+        blob[off:off + 8] = cid.to_bytes(2, "little") + (1).to_bytes(2, "little") + nxt.to_bytes(4, "little")
+        blob[off + 8:off + 8 + len(body)] = body
+        off += 8 + len(body)
+    return arg, blob
+
+
+def test_walk_caps_follows_the_chain():
+    arg, _keep = _info_with_caps([(lib.VFIO_REGION_INFO_CAP_TYPE, (7).to_bytes(4, "little") * 2),
+                                  (lib.VFIO_REGION_INFO_CAP_MSIX_MAPPABLE, b"")])
+    ids = [cid for cid, _v, _p in walk_caps(arg, ffi.sizeof("struct vfio_region_info"))]
+    assert ids == [lib.VFIO_REGION_INFO_CAP_TYPE, lib.VFIO_REGION_INFO_CAP_MSIX_MAPPABLE]
+
+
+def test_walk_caps_refuses_loops_and_out_of_bounds():
+    arg, blob = _info_with_caps([(1, b"")])
+    base = ffi.sizeof("struct vfio_region_info")
+    blob[base + 4:base + 8] = base.to_bytes(4, "little")  # next points at itself
+    with pytest.raises(errors.PyvfioError, match="malformed"):
+        list(walk_caps(arg, base))
+    with pytest.raises(errors.PyvfioError, match="malformed"):
+        list(walk_caps(arg, len(blob) + 64))
