@@ -24,14 +24,14 @@ class TestDeviceAndRamAcrossKexec:
     @pytest.mark.before_kexec
     def test_before(self, luo, carry):
         PciDevice(EDU_BDF).bind_vfio()
-        pattern = os.urandom(edu.BUFFER_SIZE)
+        pattern = os.urandom(edu.DMA_MAX)
         ram = Memfd.create("guest-ram", pattern, size=RAM_SIZE)
         with VfioDevice.open(EDU_BDF, "iommufd") as dev:
             e = edu.Edu(dev)
             dev.enable_bus_master()
             dev.iommu.map_file(ram, IOVA, size=RAM_SIZE)
-            e.dma_to_device(IOVA, edu.BUFFER_SIZE)
-            e.dma_from_device(IOVA + PAGE, edu.BUFFER_SIZE)  # the device wrote guest RAM
+            e.dma_to_device(IOVA, edu.DMA_MAX)
+            e.dma_from_device(IOVA + PAGE, edu.DMA_MAX)  # the device wrote guest RAM
             s = luo.create_session("vm-1")
             s.preserve(ram, 1)
             with pytest.raises(errors.VfioPreservationUnsupported):
@@ -47,15 +47,15 @@ class TestDeviceAndRamAcrossKexec:
         with luo.retrieve_session("vm-1") as s:
             ram = Memfd.adopt(s.retrieve(1))
             expected = bytes.fromhex(carry["sha_page1"])
-            assert os.pread(ram.fileno(), edu.BUFFER_SIZE, PAGE) == expected  # written by DMA before the kexec
+            assert os.pread(ram.fileno(), edu.DMA_MAX, PAGE) == expected  # written by DMA before the kexec
             with VfioDevice.open(EDU_BDF, "iommufd") as dev:  # a new iommufd, bind, attach
                 e = edu.Edu(dev)
                 assert e.identify() == edu.ID
                 dev.enable_bus_master()
                 dev.iommu.map_file(ram, IOVA, size=RAM_SIZE)  # the same IOVA as before
-                e.dma_to_device(IOVA + PAGE, edu.BUFFER_SIZE)
-                e.dma_from_device(IOVA + 2 * PAGE, edu.BUFFER_SIZE)
-                assert os.pread(ram.fileno(), edu.BUFFER_SIZE, 2 * PAGE) == expected
+                e.dma_to_device(IOVA + PAGE, edu.DMA_MAX)
+                e.dma_from_device(IOVA + 2 * PAGE, edu.DMA_MAX)
+                assert os.pread(ram.fileno(), edu.DMA_MAX, 2 * PAGE) == expected
                 dev.iommu.unmap_all()
             s.finish()
             ram.close()
