@@ -6,10 +6,11 @@ KHO data, so the next kernel would find no live-update state at all.
 
 from __future__ import annotations
 
+import errno
 import os
 
 from ._cffi import ffi, lib
-from .errors import error_for
+from .errors import KexecError, error_for
 
 KEXEC_LOADED = "/sys/kernel/kexec_loaded"
 
@@ -64,6 +65,9 @@ def execute() -> None:
     (e.g. a VFIO device with IRQs enabled) the reboot is refused and KexecRefused is
     raised. Session fds must still be open (in this or a holder process) at this point.
     """
+    if not loaded():
+        raise KexecError(errno.ENOENT, "reboot(RB_KEXEC)", "kexec",
+                         "no kexec kernel is loaded (call load() first); nothing was rebooted")
     ret = lib.pvl_reboot_kexec()
     if ret < 0:
         raise error_for(-ret, "reboot(RB_KEXEC)", "the loaded kexec kernel")

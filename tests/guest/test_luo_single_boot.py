@@ -328,3 +328,35 @@ def test_status_names_session_holders(luo):
     finally:
         holder.stop()  # closes the session: nothing stays preserved
     assert "status-held" not in status.status().sessions
+
+
+def test_kexec_image_larger_than_kho_scratch(tmp_path):
+    """kexec_file_load refuses images that do not fit the KHO scratch area (EADDRNOTAVAIL)."""
+    import glob
+
+    from pyvfio_lu import kexec
+
+    try:
+        with open("/sys/kernel/debug/kho/out/scratch_len") as fh:
+            scratch = sum(int(v, 0) for v in fh.read().split())  # one length per scratch area
+    except OSError as exc:
+        pytest.skip(f"no KHO scratch size in debugfs: {exc}")
+    kernels = glob.glob(os.path.expanduser("~/.cache/pyvfio-lu/kernel/*/bzImage")) + \
+        glob.glob(os.environ.get("PYVFIO_LU_CACHE", "/nonexistent") + "/kernel/*/bzImage")
+    if not kernels:
+        pytest.skip("the test kernel image is not visible in the guest")
+    initrd = tmp_path / "huge-initrd"
+    with open(initrd, "wb") as fh:  # sparse: costs no memory until the kernel reads it
+        fh.truncate(scratch + (64 << 20))
+    with pytest.raises(errors.KexecImageTooLarge) as exc:
+        kexec.load(kernels[0], str(initrd), "console=ttyS0")
+    assert exc.value.errno == errno.EADDRNOTAVAIL and "kho_scratch" in str(exc.value)
+    assert not kexec.loaded()
+
+
+def test_kexec_execute_without_a_loaded_kernel():
+    from pyvfio_lu import kexec
+
+    assert not kexec.loaded()
+    with pytest.raises(errors.KexecError, match="no kexec kernel is loaded"):
+        kexec.execute()

@@ -271,3 +271,40 @@ def test_intx_delivered_and_unmasked(dev):
         e.ack_irq()
         dev.unmask_irq(lib.VFIO_PCI_INTX_IRQ_INDEX)
     dev.disable_irq(lib.VFIO_PCI_INTX_IRQ_INDEX)
+
+
+def test_bar_through_pread_when_not_mapped(dev):
+    from pyvfio_lu.vfio import Bar
+
+    bar = Bar(dev, dev.region_info(0), mmap=False)
+    assert not bar.mapped
+    assert bar.read32(edu.REG_ID) == edu.ID
+    bar.write32(edu.REG_LIVENESS, 0x0F0F0F0F)
+    assert bar.read32(edu.REG_LIVENESS) == 0xF0F0F0F0
+
+
+def test_from_fd_of_an_already_bound_cdev(edu_bdf):
+    with Iommu("iommufd") as iommu:
+        first = VfioDevice.from_fd(_raw_cdev(edu_bdf), bdf=edu_bdf, iommu=iommu)  # binds + attaches
+        again = VfioDevice.from_fd(first.fileno(), bdf=edu_bdf, bound=True, owned=False)
+        assert again.info().num_irqs == 5
+        again.close()
+        assert first.info().num_irqs == 5  # the borrowed wrapper did not close the fd
+        first.close()
+
+
+def test_low_power_entry_breaks_the_d0_precondition(cdev):
+    with LiveUpdate() as lu, lu.create_session("vfio-d0") as s:
+        if not cdev.feature_probe(lib.VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY, lib.VFIO_DEVICE_FEATURE_SET):
+            pytest.skip("vfio-pci offers no low-power entry for this device")
+        cdev.feature_set(lib.VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY)
+        try:
+            state = cdev.power_state()
+            if state == "D0":
+                pytest.skip("low-power entry left the device in D0 (no PCI PM capability)")
+            with pytest.raises(errors.NotLiveUpdateReady, match=f"in {state}, not D0"):
+                cdev.preserve(s, 1)
+            assert s.preserved == {}
+        finally:
+            cdev.feature_set(lib.VFIO_DEVICE_FEATURE_LOW_POWER_EXIT)
+        assert edu.Edu(cdev).identify() == edu.ID
