@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Protocol, Union
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
+if TYPE_CHECKING:  # typing's runtime objects cost import time; annotations need none of them
+    from typing import Protocol, Union
 
-class HasFileno(Protocol):
-    def fileno(self) -> int: ...
+    class HasFileno(Protocol):
+        def fileno(self) -> int: ...
 
-
-FileLike = Union[int, HasFileno]
+    FileLike = Union[int, HasFileno]
+else:
+    FileLike = HasFileno = object  # only used in (unevaluated) annotations
 
 
 def fileno_of(file: FileLike) -> int:

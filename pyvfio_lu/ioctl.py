@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import enum
 import os
-from dataclasses import dataclass
-from typing import Any
+from collections import namedtuple
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from typing import Any
 
 from ._cffi import ffi, lib
 from .errors import WrongFdKind, error_for
@@ -34,12 +37,11 @@ class Arg(enum.Enum):
     STRING = "pointer to a NUL-terminated string"
 
 
-@dataclass(frozen=True)
-class Request:
-    name: str
-    number: int
-    arg: str | Arg  # a C struct type name, or an Arg
-    size_field: str | None  # "size" or "argsz" for struct arguments
+class Request(namedtuple("Request", "name number arg size_field")):
+    """One ioctl: its kernel name, number (from the C compiler), argument (a struct name
+    without ``struct``, or an :class:`Arg`) and the struct's size field (``size``/``argsz``)."""
+
+    __slots__ = ()
 
 
 _LUO_DEV = (FdKind.LUO_DEVICE,)

@@ -22,8 +22,11 @@ from __future__ import annotations
 import errno
 import mmap as _mmap
 import os
-from dataclasses import dataclass
-from typing import Any
+from collections import namedtuple
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from typing import Any
 
 from ._cffi import ffi, lib
 from .errors import InvalidArgument, NotFound, NotSupported, PyvfioError, UnsafeOperation, error_for
@@ -37,10 +40,10 @@ _TYPE = {"vfio_type1_iommu": "VFIO_TYPE1_IOMMU", "vfio_type1v2_iommu": "VFIO_TYP
          "iommufd_compat_type1": "VFIO_TYPE1_IOMMU", "iommufd_compat_type1v2": "VFIO_TYPE1v2_IOMMU"}
 
 
-@dataclass(frozen=True, order=True)
-class IovaRange:
-    start: int
-    last: int  # inclusive
+class IovaRange(namedtuple("IovaRange", "start last")):
+    """An allowed IOVA range; ``last`` is inclusive (as the kernel reports it)."""
+
+    __slots__ = ()
 
     @property
     def size(self) -> int:
@@ -103,12 +106,18 @@ class DmaBuffer:
         self.close()
 
 
-@dataclass
 class Mapping:
-    iova: int
-    size: int
-    vaddr: int | None  # None for IOAS_MAP_FILE mappings
-    keepalive: Any = None  # the buffer object, kept alive while mapped
+    """One DMA mapping: ``vaddr`` is None for IOMMU_IOAS_MAP_FILE mappings; ``keepalive``
+    holds the buffer (and its export) so it cannot go away while mapped."""
+
+    __slots__ = ("iova", "size", "vaddr", "keepalive")
+
+    def __init__(self, iova: int, size: int, vaddr: int | None, keepalive: Any = None):
+        self.iova, self.size, self.vaddr, self.keepalive = iova, size, vaddr, keepalive
+
+    def __repr__(self) -> str:
+        where = "file" if self.vaddr is None else f"vaddr={self.vaddr:#x}"
+        return f"<Mapping iova={self.iova:#x} size={self.size:#x} {where}>"
 
 
 class IovaAllocator:

@@ -22,10 +22,12 @@ Which calls lose data:
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import warnings
-from typing import Iterator
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from typing import Iterator
 
 from . import procfs
 from ._cffi import ffi, lib
@@ -42,8 +44,6 @@ from .errors import (
 )
 from .fd import FileLike, OwnedFd, fileno_of
 from .ioctl import FdKind, call, fd_kind
-
-log = logging.getLogger(__name__)
 
 DEVICE_PATH = "/dev/liveupdate"
 NAME_MAX = 63  # LIVEUPDATE_SESSION_NAME_LENGTH - 1
@@ -291,7 +291,9 @@ class Session:
             msg = (f"LUO session {self.name!r} was garbage-collected while it held preserved files; "
                    f"they are no longer preserved: {lost}. Keep the session open (or hand it to a "
                    f"holder) until the kexec, and close it explicitly otherwise.")
-            log.error(msg)
+            import logging  # only on this path: logging is costly to import
+
+            logging.getLogger(__name__).error(msg)
             warnings.warn(msg, PreservationLost, stacklevel=2)
         self._preserved.clear()
         fd.close()

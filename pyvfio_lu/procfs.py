@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from collections import namedtuple
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from typing import Callable, Iterator
 
 LUO_SESSION_PREFIX = "anon_inode:[luo_session]"
 
 
-@dataclass(frozen=True)
-class FdHolder:
-    pid: int
-    fd: int
-    link: str
-    comm: str
+FdHolder = namedtuple("FdHolder", "pid fd link comm")
+FdHolder.__doc__ = "One open fd of one process: pid, fd number, its /proc link text, the process name."
 
 
 def _comm(pid: int, proc: str = "/proc") -> str:

@@ -20,12 +20,14 @@ closed by the device.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import select
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from collections import namedtuple
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from typing import Any
 
 from ._cffi import ffi, lib
 from .caps import walk_caps
@@ -58,19 +60,16 @@ PCI_CAP_ID_PM = 0x01
 PCI_PM_CTRL = 4
 
 
-@dataclass(frozen=True)
-class Capability:
-    id: int
-    version: int
-    data: dict = field(default_factory=dict)
+class Capability(namedtuple("Capability", "id version data")):
+    """One entry of a VFIO capability chain, decoded into ``data`` where the type is known."""
+
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class DeviceInfo:
-    flags: int
-    num_regions: int
-    num_irqs: int
-    caps: tuple[Capability, ...] = ()
+class DeviceInfo(namedtuple("DeviceInfo", "flags num_regions num_irqs caps", defaults=((),))):
+    """VFIO_DEVICE_GET_INFO, decoded."""
+
+    __slots__ = ()
 
     @property
     def is_pci(self) -> bool:
@@ -81,19 +80,13 @@ class DeviceInfo:
         return bool(self.flags & lib.VFIO_DEVICE_FLAGS_RESET)
 
 
-@dataclass(frozen=True)
-class SparseArea:
-    offset: int
-    size: int
+SparseArea = namedtuple("SparseArea", "offset size")
 
 
-@dataclass(frozen=True)
-class RegionInfo:
-    index: int
-    flags: int
-    size: int
-    offset: int
-    caps: tuple[Capability, ...] = ()
+class RegionInfo(namedtuple("RegionInfo", "index flags size offset caps", defaults=((),))):
+    """VFIO_DEVICE_GET_REGION_INFO, decoded (``offset`` is where the region lives in the device fd)."""
+
+    __slots__ = ()
 
     @property
     def readable(self) -> bool:
@@ -126,11 +119,10 @@ class RegionInfo:
         return None
 
 
-@dataclass(frozen=True)
-class IrqInfo:
-    index: int
-    flags: int
-    count: int
+class IrqInfo(namedtuple("IrqInfo", "index flags count")):
+    """VFIO_DEVICE_GET_IRQ_INFO, decoded."""
+
+    __slots__ = ()
 
     @property
     def maskable(self) -> bool:
@@ -145,12 +137,10 @@ class IrqInfo:
         return bool(self.flags & lib.VFIO_IRQ_INFO_NORESIZE)
 
 
-@dataclass(frozen=True)
-class HotResetDevice:
-    id: int  # group id, or device id (cdev) when flags has DEV_ID
-    segment: int
-    bus: int
-    devfn: int
+class HotResetDevice(namedtuple("HotResetDevice", "id segment bus devfn")):
+    """A device a hot reset affects; ``id`` is its group id, or its device id (cdev) with DEV_ID."""
+
+    __slots__ = ()
 
     @property
     def bdf(self) -> str:
@@ -768,6 +758,8 @@ def _record_preserved(bdf: str | None, session: str, token: int) -> None:
     """Remember which session holds a preserved device, to name it after the kexec."""
     if not bdf:
         return
+    import json
+
     path = _state_file()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -786,6 +778,8 @@ def _record_preserved(bdf: str | None, session: str, token: int) -> None:
 
 
 def preserved_record(bdf: str) -> dict | None:
+    import json
+
     try:
         with open(_state_file()) as fh:
             return json.load(fh).get(bdf)
