@@ -1,24 +1,31 @@
 """The ``pyvfio-lu`` command: devices, binding, live-update status, the guest demo.
 
-Exit codes: 0 success, 1 the operation failed (the message says why), 2 bad usage,
-3 refused by a safety check (use --force to override).
+Exit codes: 0 success, 1 the operation failed (the message says why), 2 bad usage
+(including a malformed PCI address or driver name), 3 refused by a safety check (an
+active network interface, a non-viable IOMMU group; ``--force`` overrides the network
+check only). Errors go to stderr as one line ``pyvfio-lu COMMAND: ...``; with ``--json``
+an object ``{"ok": false, "exit": N, "error": ..., "errno": ...}`` is also printed on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 EXAMPLES = """\
 examples:
-  pyvfio-lu devices                      list PCI devices, drivers, IOMMU groups, VFIO cdevs
-  pyvfio-lu devices --json               the same as JSON, for scripts
-  pyvfio-lu bind 0000:00:04.0            hand a device to vfio-pci (safety-checked)
-  pyvfio-lu unbind 0000:00:04.0 --driver e1000e   give it back to its driver
-  pyvfio-lu status                       LUO/KHO state, live update number, session holders
+  pyvfio-lu devices                      PCI devices: driver, IOMMU group (and who shares it), VFIO cdev, NICs
+  pyvfio-lu devices --json 0000:00:04.0  one device as JSON, for scripts
+  pyvfio-lu bind 0000:00:04.0            hand a device to vfio-pci (refused if its NIC is in use
+                                         or its IOMMU group is not viable)
+  pyvfio-lu unbind 0000:00:04.0          take it from vfio-pci and leave it without a driver
+  pyvfio-lu unbind 0000:00:05.0 --driver virtio-pci   ... or give it back to its driver
+  pyvfio-lu status                       LUO/KHO state, live update number, who holds which session
+  pyvfio-lu status --json | jq .sessions
   pyvfio-lu demo                         boot the test kernel in QEMU and run a live update
+
+exit codes: 0 ok, 1 failed, 2 bad usage, 3 refused by a safety check (see --force)
 """
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
@@ -29,73 +36,99 @@ def _print_json(obj) -> None:
     sys.stdout.write("\n")
 
 
+# --- devices ----------------------------------------------------------------------------------
 def cmd_devices(args) -> int:
-    from .sysfs import PciDevice
+    from .sysfs import PciDevice, list_devices
 
-    root = os.path.join(args.sysfs, "bus", "pci", "devices")
-    rows = []
-    for bdf in sorted(os.listdir(root)):
-        d = PciDevice(bdf, args.sysfs)
-        if not args.all and d.pci_class >> 16 == 0x06:  # bridges: hidden unless --all
-            continue
-        rows.append({
-            "bdf": d.bdf, "vendor": f"{d.vendor:04x}", "device": f"{d.device:04x}",
-            "class": f"{d.pci_class:06x}", "driver": d.driver, "iommu_group": d.iommu_group,
-            "group": [{"bdf": m.bdf, "driver": m.driver} for m in d.group_members()],
-            "vfio_cdev": d.vfio_cdev, "net": d.net_interfaces,
-        })
+    if args.bdf:
+        devices = [PciDevice(b, args.sysfs) for b in args.bdf]
+    else:
+        devices = [d for d in list_devices(args.sysfs) if args.all or d.pci_class >> 16 != 0x06]
+    rows = [d.to_json() for d in devices]
     if args.json:
         _print_json(rows)
         return EXIT_OK
-    print(f"{'BDF':<13} {'ID':<10} {'CLASS':<7} {'DRIVER':<12} {'GROUP':<6} {'VFIO CDEV':<22} NET")
+    print(f"{'BDF':<13} {'ID':<10} {'CLASS':<22} {'DRIVER':<12} {'GROUP':<6} {'VFIO CDEV':<24} NET")
     for r in rows:
         group = "-" if r["iommu_group"] is None else str(r["iommu_group"])
-        print(f"{r['bdf']:<13} {r['vendor']}:{r['device']:<5} {r['class']:<7} {r['driver'] or '-':<12} "
-              f"{group:<6} {r['vfio_cdev'] or '-':<22} {','.join(r['net']) or '-'}")
+        cls = f"{r['class_name']} ({r['class']})"
+        print(f"{r['bdf']:<13} {r['vendor']}:{r['device']:<5} {cls:<22} {r['driver'] or '-':<12} "
+              f"{group:<6} {r['vfio_cdev'] or '-':<24} {','.join(r['net']) or '-'}")
         others = [m for m in r["group"] if m["bdf"] != r["bdf"]]
         if others:
-            print(" " * 14 + "group shared with: " + ", ".join(f"{m['bdf']} ({m['driver'] or 'no driver'})" for m in others))
+            print(" " * 14 + f"group {group} also holds: "
+                  + ", ".join(f"{m['bdf']} ({m['driver'] or 'no driver'})" for m in others))
     return EXIT_OK
 
 
+# --- bind / unbind ----------------------------------------------------------------------------
 def cmd_bind(args) -> int:
     from .netsafety import check_device
     from .sysfs import PciDevice
 
     pci = PciDevice(args.bdf, args.sysfs)
-    check_device(pci, force=args.force)
+    pci.check_group_viable()  # refuse before anything changes, and before the slower netlink check
+    usage = check_device(pci, force=args.force)
     previous = pci.bind_vfio()
-    result = {"bdf": pci.bdf, "driver": pci.driver, "previous_driver": previous, "vfio_cdev": pci.vfio_cdev}
+    result = {"ok": True, "bdf": pci.bdf, "driver": pci.driver, "previous_driver": previous,
+              "vfio_cdev": pci.vfio_cdev, "iommu_group": pci.iommu_group,
+              "forced_past": [u.to_json() for u in usage if u.active]}
     if args.json:
         _print_json(result)
-    else:
-        print(f"{pci.bdf}: bound to vfio-pci (was: {previous or 'no driver'}); cdev {pci.vfio_cdev or '-'}")
-        if previous and previous != "vfio-pci":
-            print(f"  undo with: pyvfio-lu unbind {pci.bdf} --driver {previous}")
+        return EXIT_OK
+    print(f"{pci.bdf}: bound to vfio-pci (was: {previous or 'no driver'}); "
+          f"IOMMU group {pci.iommu_group if pci.iommu_group is not None else '-'}; cdev {pci.vfio_cdev or '-'}")
+    for u in usage:
+        if u.active:
+            print(f"  forced past: {u.describe()}")
+    if previous and previous != "vfio-pci":
+        print(f"  undo with: pyvfio-lu unbind {pci.bdf} --driver {previous}")
     return EXIT_OK
 
 
 def cmd_unbind(args) -> int:
     from .netsafety import check_device
-    from .sysfs import PciDevice
+    from .sysfs import PciDevice, check_driver_name, is_vfio_driver
 
+    if args.driver is not None:
+        check_driver_name(args.driver)
     pci = PciDevice(args.bdf, args.sysfs)
-    if pci.driver != "vfio-pci":
-        check_device(pci, force=args.force)
+    before = pci.driver
+    if not is_vfio_driver(before):
+        check_device(pci, force=args.force)  # it is a kernel driver's device: is it in use?
     pci.restore(args.driver)
+    result = {"ok": True, "bdf": pci.bdf, "previous_driver": before, "driver": pci.driver,
+              "net": pci.net_interfaces}
     if args.json:
-        _print_json({"bdf": pci.bdf, "driver": pci.driver})
+        _print_json(result)
     else:
-        print(f"{pci.bdf}: unbound; driver now {pci.driver or 'none'}")
+        net = f"; interfaces {', '.join(result['net'])}" if result["net"] else ""
+        print(f"{pci.bdf}: unbound from {before or 'no driver'}; driver now {pci.driver or 'none'}{net}")
     return EXIT_OK
+
+
+# --- status ------------------------------------------------------------------------------------
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            words = fh.read().rstrip(b"\0").split(b"\0")
+    except OSError:
+        return ""
+    if words and b"python" in words[0].rsplit(b"/", 1)[-1]:
+        words[0] = words[0].rsplit(b"/", 1)[-1]  # "python -m ..." reads better than the venv path
+    return " ".join(w.decode(errors="replace") for w in words)
 
 
 def cmd_status(args) -> int:
     from .status import status
 
     st = status()
+    doc = st.to_json()
+    for holders in [*doc["sessions"].values(), doc["holders_of_device"]]:
+        for h in holders:
+            h["cmdline"] = _cmdline(h["pid"])
     if args.json:
-        _print_json(st.to_json())
+        _print_json(doc)
         return EXIT_OK
     yes = {True: "yes", False: "no", None: "unknown"}
     print(f"LUO enabled:          {yes[st.luo_enabled]}")
@@ -103,12 +136,13 @@ def cmd_status(args) -> int:
     print(f"live update number:   {st.liveupdate_number if st.liveupdate_number is not None else '- (cold boot)'}")
     print(f"boot id:              {st.boot_id}")
     print(f"kexec kernel loaded:  {yes[st.kexec_loaded]}")
-    holders = ", ".join(f"pid {h['pid']} ({h['comm']})" for h in st.holders_of_device) or "nobody"
-    print(f"/dev/liveupdate held: {holders}")
-    if st.sessions:
-        print("sessions:")
-        for name, hs in sorted(st.sessions.items()):
-            print(f"  {name:<32} " + ", ".join(f"pid {h['pid']} ({h['comm']}) fd {h['fd']}" for h in hs))
+    holders = ", ".join(f"pid {h['pid']} ({h['cmdline'] or h['comm']})" for h in doc["holders_of_device"]) or "nobody"
+    print(f"/dev/liveupdate open: {holders}")
+    if doc["sessions"]:
+        print("sessions (outgoing, or retrieved and not closed), by holder:")
+        for name, hs in sorted(doc["sessions"].items()):
+            for h in hs:
+                print(f"  {name:<24} pid {h['pid']:<6} fd {h['fd']:<4} {h['cmdline'] or h['comm']}")
     else:
         print("sessions:             none open in any visible process")
     return EXIT_OK
@@ -120,6 +154,7 @@ def cmd_demo(args) -> int:
     return demo_main(["--iommu", args.iommu, "--timeout", str(args.timeout)])
 
 
+# --- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyvfio-lu",
@@ -128,54 +163,90 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sysfs", default="/sys", help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("devices", help="list PCI devices with driver, IOMMU group and VFIO cdev")
+    def add(name: str, help: str, description: str, example: str):
+        return sub.add_parser(name, help=help, description=description, epilog=example,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = add("devices", "list PCI devices with driver, IOMMU group and VFIO cdev",
+            "List PCI functions: vendor:device, class, driver, IOMMU group (and the other members of "
+            "the group with their drivers), VFIO cdev, network interfaces. Bridges are hidden unless --all.",
+            "example: pyvfio-lu devices --json | jq '.[] | select(.driver == \"vfio-pci\") | .vfio_cdev'")
+    p.add_argument("bdf", nargs="*", help="only these PCI addresses")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--all", action="store_true", help="include bridges")
     p.set_defaults(func=cmd_devices)
 
-    p = sub.add_parser("bind", help="bind a device to vfio-pci (refuses an active NIC or a non-viable group)",
-                       description="Bind a PCI device to vfio-pci through driver_override. Refused (exit 3) "
-                                   "when the device backs a network interface that is up, addressed or routed, "
-                                   "or when its IOMMU group has siblings on other drivers.")
+    p = add("bind", "bind a device to vfio-pci (refuses an active NIC or a non-viable group)",
+            "Bind a PCI device to vfio-pci through driver_override. Refused (exit 3, nothing changed) "
+            "when its IOMMU group has members on other kernel drivers, or when it backs a network "
+            "interface that is up, has addresses or carries routes (--force skips the network check).",
+            "example: pyvfio-lu bind 0000:00:04.0 --json")
     p.add_argument("bdf", help="PCI address, e.g. 0000:00:04.0")
     p.add_argument("--force", action="store_true", help="skip the network-interface check")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_bind)
 
-    p = sub.add_parser("unbind", help="unbind a device from vfio-pci and give it back to a driver")
-    p.add_argument("bdf")
-    p.add_argument("--driver", help="driver to re-probe afterwards (the one `bind` reported)")
+    p = add("unbind", "take a device from its driver (vfio-pci) and optionally give it to another",
+            "Unbind a device, clear its driver_override and, with --driver, probe that driver. A device "
+            "on a kernel driver that backs an active network interface is refused (exit 3) unless --force.",
+            "example: pyvfio-lu unbind 0000:00:05.0 --driver virtio-pci")
+    p.add_argument("bdf", help="PCI address, e.g. 0000:00:04.0")
+    p.add_argument("--driver", help="driver to bind afterwards (the one `bind` reported); default: none")
     p.add_argument("--force", action="store_true", help="skip the network-interface check")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_unbind)
 
-    p = sub.add_parser("status", help="LUO/KHO state, live update number, which processes hold which sessions")
-    p.add_argument("--json", action="store_true")
+    p = add("status", "LUO/KHO state, live update number, which processes hold which sessions",
+            "Read-only: is live update enabled, the live update number handed over by the previous "
+            "kernel, whether a kexec kernel is loaded, who has /dev/liveupdate open, and which process "
+            "holds an fd of which LUO session (from /proc/*/fd; run as root to see every process).",
+            "example: pyvfio-lu status --json | jq '.sessions'")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("demo", help="run the live-update demo in the QEMU guest (builds the kernel first)")
+    p = add("demo", "run the live-update demo in the QEMU guest (builds the kernel first)",
+            "Build (or reuse) the test kernel, boot it in QEMU, carry guest RAM and the edu device "
+            "through a real kexec live update, printing each step.",
+            "example: pyvfio-lu demo --iommu virtio")
     p.add_argument("--iommu", choices=["intel", "virtio"], default="intel")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before the guest is stopped")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
+def exit_code_for(exc: BaseException) -> int:
+    from .errors import GroupNotViable
+    from .netsafety import InterfaceInUse
+    from .sysfs import InvalidBdf, InvalidDriverName
+
+    if isinstance(exc, (InvalidBdf, InvalidDriverName)):
+        return EXIT_USAGE
+    if isinstance(exc, (InterfaceInUse, GroupNotViable)):
+        return EXIT_REFUSED
+    return EXIT_FAILED
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import PyvfioError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, message already printed)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if not getattr(args, "func", None):
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
         return args.func(args)
     except PyvfioError as exc:
-        from .errors import GroupNotViable
-        from .netsafety import InterfaceInUse
-
+        code = exit_code_for(exc)
         print(f"pyvfio-lu {args.command}: {exc}", file=sys.stderr)
-        return EXIT_REFUSED if isinstance(exc, (InterfaceInUse, GroupNotViable)) else EXIT_FAILED
+        if getattr(args, "json", False):
+            _print_json({"ok": False, "exit": code, "error": str(exc), "errno": exc.errno_name,
+                         "operation": exc.operation, "target": exc.target, "reason": exc.reason,
+                         "kind": type(exc).__name__})
+        return code
     except KeyboardInterrupt:
         return 130
 

@@ -6,7 +6,19 @@ received is ``O_CLOEXEC`` (``MSG_CMSG_CLOEXEC``) and returned in an :class:`Owne
 The receiver checks the sender's uid with ``SO_PEERCRED`` before it takes anything.
 
 The manifest says what each fd is, e.g. for a LUO session
-``{"session": "vm-1", "files": {"1": "guest RAM memfd", "2": "VFIO 0000:00:04.0"}}``.
+``{"session": "vm-1", "files": {"0x1": "guest RAM memfd", "0x2": "VFIO 0000:00:04.0"}}``.
+
+For LUO sessions, :func:`send_session` / :func:`receive_session` do the whole exchange:
+the sender checks the receiver's uid (``SO_PEERCRED``) before any fd leaves the process
+and tells a refused peer why; the receiver checks the sender the same way and gets
+:class:`~pyvfio_lu.luo.Session` objects (``Session.from_fd``) with their manifest::
+
+    # sender (e.g. the process that created the session)
+    conn, _ = handoff.listen("/run/vmm.sock").accept()
+    handoff.send_session(conn, session, {"vm": "vm-1"})        # receiver must be our uid
+
+    # receiver (e.g. the VMM)
+    session, manifest = handoff.receive_session(handoff.connect("/run/vmm.sock"))
 """
 
 from __future__ import annotations
@@ -17,11 +29,15 @@ import json
 import os
 import socket
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from .errors import PermissionDenied, PyvfioError
 from .fd import OwnedFd
+
+if TYPE_CHECKING:  # luo loads the compiled module, which plain fd passing does not need
+    from .luo import Session
 
 MAX_FDS_PER_MESSAGE = 250  # the kernel's SCM_MAX_FD is 253
 MAX_MESSAGE = 1 << 16
@@ -163,3 +179,119 @@ def recv_message(sock: socket.socket) -> Message | None:
             header["names"] = list(out.fds)
             out.header = header
             return out
+
+
+# --- LUO sessions -------------------------------------------------------------------------------
+SESSION_PREFIX = "session:"  # fd names of sessions in a message: "session:<session name>"
+OWN_UID = -1  # expected_uid default: the uid of this process
+
+
+def session_key(name: str) -> str:
+    return SESSION_PREFIX + name
+
+
+def session_manifest(session: Session, extra: dict | None = None) -> dict:
+    """What travels with a session fd: its name, direction, the tokens preserved through this
+    process (token -> what the file is), and ``extra``."""
+    return {"session": session.name, "direction": session.direction,
+            "files": {f"{t:#x}": what for t, what in session.preserved.items()}, **(extra or {})}
+
+
+def _expected(uid: int | None) -> int | None:
+    return os.getuid() if uid == OWN_UID else uid
+
+
+def send_sessions(sock: socket.socket, sessions: Iterable[Session], manifest: dict | None = None, *,
+                  expected_uid: int | None = OWN_UID) -> PeerCredentials:
+    """Send LUO sessions (their fds, one manifest entry each, ``manifest`` merged into every
+    entry) to the peer of ``sock``.
+
+    The peer must run as ``expected_uid`` (default: this process's uid; None: anyone), as
+    ``SO_PEERCRED`` reports it. Otherwise nothing is sent but a refusal naming the reason,
+    and PermissionDenied is raised. The caller keeps its own session fds: close or
+    ``detach()`` them if the receiver is to be the only holder.
+    """
+    try:
+        cred = check_peer(sock, _expected(expected_uid))
+    except PermissionDenied as exc:
+        try:
+            send_message(sock, {"op": "refused", "error": exc.reason})
+        except OSError:
+            pass
+        raise
+    sessions = list(sessions)
+    names = [session_key(s.name) for s in sessions]
+    if len(set(names)) != len(names):
+        raise ValueError("two sessions with the same name in one hand-off")
+    info = {n: session_manifest(s, manifest) for n, s in zip(names, sessions)}
+    send_message(sock, {"op": "sessions", "names": names, "manifest": info}, [s.fileno() for s in sessions])
+    return cred
+
+
+def send_session(sock: socket.socket, session: Session, manifest: dict | None = None, *,
+                 expected_uid: int | None = OWN_UID) -> PeerCredentials:
+    """:func:`send_sessions` for one session; returns the receiver's credentials."""
+    return send_sessions(sock, [session], manifest, expected_uid=expected_uid)
+
+
+def receive_sessions(sock: socket.socket, *, expected_uid: int | None = OWN_UID) -> list[tuple[Session, dict]]:
+    """The sessions the peer sends, as ``(Session, manifest entry)`` pairs.
+
+    The sender must run as ``expected_uid`` (default: this process's uid; None: anyone).
+    PermissionDenied when it does not, or when the sender refused this process; HandoffError
+    when the message is not a session hand-off or a manifest does not match the session
+    the kernel reports for the fd.
+    """
+    from .luo import OUTGOING, Session
+
+    cred = check_peer(sock, _expected(expected_uid))
+    msg = recv_message(sock)
+    if msg is None:
+        raise HandoffError(errno.EPIPE, "receive session", f"peer pid {cred.pid}",
+                           "the peer closed the connection without sending a session")
+    if msg.header.get("op") == "refused":
+        msg.close()
+        raise PermissionDenied(errno.EACCES, "receive session", f"peer pid {cred.pid}",
+                               f"the sender refused this process: {msg.header.get('error', 'no reason given')}")
+    if msg.header.get("op") != "sessions":
+        msg.close()
+        raise HandoffError(errno.EPROTO, "receive session", f"peer pid {cred.pid}",
+                           f"expected a session hand-off, got op {msg.header.get('op')!r}")
+    manifest = msg.header.get("manifest") or {}
+    out: list[tuple[Session, dict]] = []
+    try:
+        for key in list(msg.fds):
+            entry = manifest.get(key, {})
+            owned = msg.fds.pop(key)
+            try:
+                session = Session.from_fd(owned.fileno())
+            except BaseException:
+                owned.close()
+                raise
+            owned.detach()  # the Session owns the fd now
+            out.append((session, entry))
+            if key != session_key(session.name) or entry.get("session") != session.name:
+                raise HandoffError(errno.EPROTO, "receive session", f"peer pid {cred.pid}",
+                                   f"fd named {key!r} (manifest {entry.get('session')!r}) is session "
+                                   f"{session.name!r} according to the kernel")
+            if session.direction == OUTGOING:  # so dropping it unclosed warns about the lost files
+                for token, what in (entry.get("files") or {}).items():
+                    session._preserved[int(token, 16)] = what
+    except BaseException:
+        msg.close()
+        for s, _ in out:
+            s._preserved.clear()
+            s.close()
+        raise
+    return out
+
+
+def receive_session(sock: socket.socket, *, expected_uid: int | None = OWN_UID) -> tuple[Session, dict]:
+    """The one session the peer sends and its manifest entry (see :func:`receive_sessions`)."""
+    got = receive_sessions(sock, expected_uid=expected_uid)
+    if len(got) != 1:
+        for s, _ in got:
+            s._preserved.clear()
+            s.close()
+        raise HandoffError(errno.EPROTO, "receive session", "message", f"expected one session, got {len(got)}")
+    return got[0]

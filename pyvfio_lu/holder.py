@@ -97,7 +97,7 @@ class Holder:
         self.path = path
 
     @classmethod
-    def spawn(cls, path: str, timeout: float = 10.0) -> "Holder":
+    def spawn(cls, path: str, timeout: float = 10.0) -> Holder:
         """Start a detached holder daemon at ``path`` (replacing a stale socket) and wait for it."""
         try:
             os.unlink(path)
@@ -141,17 +141,37 @@ class Holder:
         self.hold_sessions([session], manifest)
 
     def hold_sessions(self, sessions, manifest: dict | None = None) -> None:
-        """Hand many LUO sessions over in one request; this process's fds for them are closed."""
+        """Hand many LUO sessions over in one request; this process's fds for them are closed.
+
+        Each is held under ``session:<name>`` with :func:`handoff.session_manifest` as its manifest.
+        """
         sessions = list(sessions)
-        names = [f"session:{s.name}" for s in sessions]
-        info = {
-            n: {"session": s.name, "direction": s.direction,
-                "files": {f"{t:#x}": what for t, what in s.preserved.items()}, **(manifest or {})}
-            for n, s in zip(names, sessions)
-        }
+        names = [handoff.session_key(s.name) for s in sessions]
+        info = {n: handoff.session_manifest(s, manifest) for n, s in zip(names, sessions)}
         self._request({"op": "hold", "names": names, "manifest": info}, [s.fileno() for s in sessions])
         for s in sessions:
             os.close(s.detach())
+
+    def fetch_session(self, name: str):
+        """A :class:`~pyvfio_lu.luo.Session` for the session held as ``name`` (the holder
+        keeps its own fd, so the session stays preserved when this one is closed)."""
+        from .luo import Session
+
+        fd = self.fetch(handoff.session_key(name))
+        try:
+            return Session.from_fd(fd.fileno())
+        except BaseException:
+            fd.close()
+            raise
+        finally:
+            if not fd.closed:
+                fd.detach()
+
+    @property
+    def pid(self) -> int:
+        """The daemon's pid, as the kernel reports it for the socket (SO_PEERCRED)."""
+        with handoff.connect(self.path) as sock:
+            return handoff.peer_credentials(sock).pid
 
     def list(self) -> dict[str, dict]:
         """name -> manifest of everything held."""
