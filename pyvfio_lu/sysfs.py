@@ -16,7 +16,7 @@ import errno
 import os
 import re
 import time
-from dataclasses import dataclass
+from collections import namedtuple
 
 from .errors import GroupNotViable, NotFound, PyvfioError, error_for
 
@@ -85,10 +85,8 @@ def _link_name(path: str) -> str | None:
         return None
 
 
-@dataclass(frozen=True)
-class GroupMember:
-    bdf: str  # a PCI address (or another bus's device name for a non-PCI member)
-    driver: str | None
+GroupMember = namedtuple("GroupMember", "bdf driver")
+GroupMember.__doc__ = "A device in an IOMMU group: its PCI address (or another bus's name) and driver (or None)."
 
 
 def list_devices(sysfs: str = "/sys") -> list[PciDevice]:
