@@ -1,0 +1,371 @@
+/*
+ * The C side of pyvfio-lu's benchmarks: the same kernel calls the Python side makes
+ * through pyvfio_lu, written the way a small C program would make them.
+ *
+ * Built in the guest by benchmarks/cprog.py with the host's gcc, against pvl_uapi.h:
+ * the project's own declarations (cdefs/liveupdate.py, vfio.py, iommufd.py), not the
+ * machine's kernel headers.
+ *
+ * Every timed loop prints one JSON line on stdout:
+ *   {"bench": NAME, "iters": N, "ns": [total ns of repeat 1, repeat 2, ...]}
+ * Times are CLOCK_MONOTONIC, the clock behind Python's time.perf_counter_ns().
+ *
+ *   bench device CDEV ITERS_IOCTL ITERS_MMIO REPEATS
+ *       VFIO_DEVICE_GET_INFO; BAR0 read32 at 0 and write32 at 4 (volatile, exact width)
+ *   bench getname ITERS REPEATS
+ *       LIVEUPDATE_SESSION_GET_NAME on a fresh outgoing session
+ *   bench dma CDEV TOTAL_BYTES PIECE_BYTES ROUNDS IOVA
+ *       IOMMU_IOAS_MAP of TOTAL in PIECE-sized pieces, then IOMMU_IOAS_UNMAP of each
+ *   bench lu-preserve SESSION FILES
+ *       create SESSION, preserve FILES memfds; then fork a holder that keeps it open
+ *   bench lu-retrieve SESSION FILES
+ *       retrieve SESSION, retrieve and verify every memfd, finish
+ *   bench pipe-ioctl ITERS REPEATS
+ *       calibration, needs no device: FIONREAD on a pipe (runs on the host too)
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+
+#include "pvl_uapi.h"
+
+#define MAX_REPEATS 64
+#define MEMFD_SIZE 4096
+
+static void die(const char *what)
+{
+    fprintf(stderr, "bench: %s: %s\n", what, strerror(errno));
+    exit(1);
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void report(const char *bench, long iters, const uint64_t *ns, int repeats)
+{
+    printf("{\"bench\": \"%s\", \"iters\": %ld, \"ns\": [", bench, iters);
+    for (int r = 0; r < repeats; r++)
+        printf("%s%llu", r ? ", " : "", (unsigned long long)ns[r]);
+    printf("]}\n");
+    fflush(stdout);
+}
+
+/* cdev + iommufd: open, VFIO_DEVICE_BIND_IOMMUFD, IOMMU_IOAS_ALLOC, attach to the IOAS */
+static int open_device(const char *cdev, int *iommufd_out, uint32_t *ioas_out)
+{
+    int dev = open(cdev, O_RDWR | O_CLOEXEC);
+    if (dev < 0)
+        die(cdev);
+    int iommufd = open("/dev/iommu", O_RDWR | O_CLOEXEC);
+    if (iommufd < 0)
+        die("/dev/iommu");
+    struct vfio_device_bind_iommufd bind = { .argsz = sizeof(bind), .iommufd = iommufd };
+    if (ioctl(dev, VFIO_DEVICE_BIND_IOMMUFD, &bind) < 0)
+        die("VFIO_DEVICE_BIND_IOMMUFD");
+    struct iommu_ioas_alloc alloc = { .size = sizeof(alloc) };
+    if (ioctl(iommufd, IOMMU_IOAS_ALLOC, &alloc) < 0)
+        die("IOMMU_IOAS_ALLOC");
+    struct vfio_device_attach_iommufd_pt attach = { .argsz = sizeof(attach), .pt_id = alloc.out_ioas_id };
+    if (ioctl(dev, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &attach) < 0)
+        die("VFIO_DEVICE_ATTACH_IOMMUFD_PT");
+    *iommufd_out = iommufd;
+    *ioas_out = alloc.out_ioas_id;
+    return dev;
+}
+
+static int cmd_device(const char *cdev, long iters_ioctl, long iters_mmio, int repeats)
+{
+    int iommufd;
+    uint32_t ioas;
+    int dev = open_device(cdev, &iommufd, &ioas);
+    uint64_t ns[MAX_REPEATS];
+
+    for (int r = 0; r < repeats; r++) {
+        uint64_t t0 = now_ns();
+        for (long i = 0; i < iters_ioctl; i++) {
+            struct vfio_device_info info = { .argsz = sizeof(info) };
+            if (ioctl(dev, VFIO_DEVICE_GET_INFO, &info) < 0)
+                die("VFIO_DEVICE_GET_INFO");
+        }
+        ns[r] = now_ns() - t0;
+    }
+    report("ioctl_get_info", iters_ioctl, ns, repeats);
+
+    struct vfio_region_info region = { .argsz = sizeof(region), .index = VFIO_PCI_BAR0_REGION_INDEX };
+    if (ioctl(dev, VFIO_DEVICE_GET_REGION_INFO, &region) < 0)
+        die("VFIO_DEVICE_GET_REGION_INFO");
+    char *bar = mmap(NULL, region.size, PROT_READ | PROT_WRITE, MAP_SHARED, dev, (off_t)region.offset);
+    if (bar == MAP_FAILED)
+        die("mmap BAR0");
+    volatile uint32_t *id = (volatile uint32_t *)(bar + 0);
+    volatile uint32_t *liveness = (volatile uint32_t *)(bar + 4);
+    uint32_t sink = 0;
+
+    for (int r = 0; r < repeats; r++) {
+        uint64_t t0 = now_ns();
+        for (long i = 0; i < iters_mmio; i++)
+            sink += *id;
+        ns[r] = now_ns() - t0;
+    }
+    report("mmio_read32", iters_mmio, ns, repeats);
+    if (sink != (uint32_t)(0x010000edu * (uint32_t)(iters_mmio * repeats)))
+        fprintf(stderr, "bench: unexpected edu id reads\n");
+
+    for (int r = 0; r < repeats; r++) {
+        uint64_t t0 = now_ns();
+        for (long i = 0; i < iters_mmio; i++)
+            *liveness = (uint32_t)i;
+        ns[r] = now_ns() - t0;
+    }
+    report("mmio_write32", iters_mmio, ns, repeats);
+
+    munmap(bar, region.size);
+    close(dev);
+    close(iommufd);
+    return 0;
+}
+
+static int cmd_getname(long iters, int repeats)
+{
+    int luo = open("/dev/liveupdate", O_RDWR | O_CLOEXEC);
+    if (luo < 0)
+        die("/dev/liveupdate");
+    struct liveupdate_ioctl_create_session create = { .size = sizeof(create) };
+    snprintf((char *)create.name, sizeof(create.name), "bench-getname-c-%d", (int)getpid());
+    if (ioctl(luo, LIVEUPDATE_IOCTL_CREATE_SESSION, &create) < 0)
+        die("LIVEUPDATE_IOCTL_CREATE_SESSION");
+    close(luo);
+    uint64_t ns[MAX_REPEATS];
+    for (int r = 0; r < repeats; r++) {
+        uint64_t t0 = now_ns();
+        for (long i = 0; i < iters; i++) {
+            struct liveupdate_session_get_name arg = { .size = sizeof(arg) };
+            if (ioctl(create.fd, LIVEUPDATE_SESSION_GET_NAME, &arg) < 0)
+                die("LIVEUPDATE_SESSION_GET_NAME");
+        }
+        ns[r] = now_ns() - t0;
+    }
+    report("ioctl_get_name", iters, ns, repeats);
+    close(create.fd);
+    return 0;
+}
+
+static int cmd_dma(const char *cdev, uint64_t total, uint64_t piece, int rounds, uint64_t iova0)
+{
+    int iommufd;
+    uint32_t ioas;
+    int dev = open_device(cdev, &iommufd, &ioas);
+    char *buf = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (buf == MAP_FAILED)
+        die("mmap buffer");
+    for (uint64_t off = 0; off < total; off += 4096)
+        buf[off] = 1;  /* fault every page in before timing, as the Python side does */
+    uint64_t n = total / piece, map_ns[MAX_REPEATS], unmap_ns[MAX_REPEATS];
+
+    for (int r = 0; r < rounds; r++) {
+        uint64_t t0 = now_ns();
+        for (uint64_t i = 0; i < n; i++) {
+            struct iommu_ioas_map map = {
+                .size = sizeof(map),
+                .flags = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
+                .ioas_id = ioas,
+                .user_va = (uint64_t)(uintptr_t)(buf + i * piece),
+                .length = piece,
+                .iova = iova0 + i * piece,
+            };
+            if (ioctl(iommufd, IOMMU_IOAS_MAP, &map) < 0)
+                die("IOMMU_IOAS_MAP");
+        }
+        uint64_t t1 = now_ns();
+        for (uint64_t i = 0; i < n; i++) {
+            struct iommu_ioas_unmap unmap = {
+                .size = sizeof(unmap), .ioas_id = ioas, .iova = iova0 + i * piece, .length = piece,
+            };
+            if (ioctl(iommufd, IOMMU_IOAS_UNMAP, &unmap) < 0)
+                die("IOMMU_IOAS_UNMAP");
+        }
+        map_ns[r] = t1 - t0;
+        unmap_ns[r] = now_ns() - t1;
+    }
+    char name[64];
+    snprintf(name, sizeof(name), "dma_map_%llu", (unsigned long long)piece);
+    report(name, (long)n, map_ns, rounds);
+    snprintf(name, sizeof(name), "dma_unmap_%llu", (unsigned long long)piece);
+    report(name, (long)n, unmap_ns, rounds);
+    munmap(buf, total);
+    close(dev);
+    close(iommufd);
+    return 0;
+}
+
+/* what memfd i holds: "file-data-<i>" in a 4 KiB file, as in the kernel's luo_stress_files */
+static void memfd_data(char *page, long i)
+{
+    memset(page, 0, MEMFD_SIZE);
+    snprintf(page, MEMFD_SIZE, "file-data-%ld", i);
+}
+
+static int cmd_lu_preserve(const char *session, long files)
+{
+    static char page[MEMFD_SIZE];
+    uint64_t t0 = now_ns();
+    int luo = open("/dev/liveupdate", O_RDWR | O_CLOEXEC);
+    if (luo < 0)
+        die("/dev/liveupdate");
+    struct liveupdate_ioctl_create_session create = { .size = sizeof(create) };
+    snprintf((char *)create.name, sizeof(create.name), "%s", session);
+    if (ioctl(luo, LIVEUPDATE_IOCTL_CREATE_SESSION, &create) < 0)
+        die("LIVEUPDATE_IOCTL_CREATE_SESSION");
+    for (long i = 0; i < files; i++) {
+        memfd_data(page, i);
+        int mfd = memfd_create("bench", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+        if (mfd < 0)
+            die("memfd_create");
+        if (ftruncate(mfd, MEMFD_SIZE) < 0)
+            die("ftruncate");
+        size_t len = strlen(page);
+        if (pwrite(mfd, page, len, 0) != (ssize_t)len)
+            die("pwrite");
+        struct liveupdate_session_preserve_fd arg = { .size = sizeof(arg), .fd = mfd, .token = (uint64_t)i };
+        if (ioctl(create.fd, LIVEUPDATE_SESSION_PRESERVE_FD, &arg) < 0)
+            die("LIVEUPDATE_SESSION_PRESERVE_FD");
+        close(mfd);
+    }
+    close(luo);
+    uint64_t ns = now_ns() - t0;
+    report("lu_preserve", files, &ns, 1);
+
+    /* the session must outlive this process: a detached child keeps its fd until the kexec */
+    pid_t pid = fork();
+    if (pid < 0)
+        die("fork");
+    if (pid == 0) {
+        setsid();
+        int null = open("/dev/null", O_RDWR);
+        dup2(null, 0);
+        dup2(null, 1);
+        dup2(null, 2);
+        signal(SIGINT, SIG_IGN);
+        for (;;)
+            pause();
+    }
+    close(create.fd);
+    return 0;
+}
+
+static int cmd_lu_retrieve(const char *session, long files)
+{
+    static char expected[MEMFD_SIZE], got[MEMFD_SIZE];
+    long bad = 0;
+    uint64_t t0 = now_ns();
+    int luo = open("/dev/liveupdate", O_RDWR | O_CLOEXEC);
+    if (luo < 0)
+        die("/dev/liveupdate");
+    struct liveupdate_ioctl_retrieve_session ret = { .size = sizeof(ret) };
+    snprintf((char *)ret.name, sizeof(ret.name), "%s", session);
+    if (ioctl(luo, LIVEUPDATE_IOCTL_RETRIEVE_SESSION, &ret) < 0)
+        die("LIVEUPDATE_IOCTL_RETRIEVE_SESSION");
+    for (long i = 0; i < files; i++) {
+        struct liveupdate_session_retrieve_fd arg = { .size = sizeof(arg), .token = (uint64_t)i };
+        if (ioctl(ret.fd, LIVEUPDATE_SESSION_RETRIEVE_FD, &arg) < 0)
+            die("LIVEUPDATE_SESSION_RETRIEVE_FD");
+        struct stat st;
+        if (fstat(arg.fd, &st) < 0)
+            die("fstat");
+        if (st.st_size != MEMFD_SIZE || pread(arg.fd, got, MEMFD_SIZE, 0) != MEMFD_SIZE)
+            bad++;
+        memfd_data(expected, i);
+        if (memcmp(got, expected, MEMFD_SIZE))
+            bad++;
+        close(arg.fd);
+    }
+    struct liveupdate_session_finish finish = { .size = sizeof(finish) };
+    if (ioctl(ret.fd, LIVEUPDATE_SESSION_FINISH, &finish) < 0)
+        die("LIVEUPDATE_SESSION_FINISH");
+    close(ret.fd);
+    close(luo);
+    uint64_t ns = now_ns() - t0;
+    report("lu_retrieve", files, &ns, 1);
+    if (bad) {
+        fprintf(stderr, "bench: %ld memfds of %s did not hold their data\n", bad, session);
+        return 1;
+    }
+    return 0;
+}
+
+static int cmd_pipe_ioctl(long iters, int repeats)
+{
+    int p[2];
+    if (pipe(p) < 0)
+        die("pipe");
+    uint64_t ns[MAX_REPEATS];
+    for (int r = 0; r < repeats; r++) {
+        uint64_t t0 = now_ns();
+        for (long i = 0; i < iters; i++) {
+            int avail = 0;
+            if (ioctl(p[0], FIONREAD, &avail) < 0)
+                die("FIONREAD");
+        }
+        ns[r] = now_ns() - t0;
+    }
+    report("calib_fionread", iters, ns, repeats);
+    return 0;
+}
+
+static long num(const char *s)
+{
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 0);
+    if (errno || *end || v < 0) {
+        fprintf(stderr, "bench: bad number %s\n", s);
+        exit(2);
+    }
+    return (long)v;
+}
+
+static int repeats_arg(const char *s)
+{
+    long r = num(s);
+    if (r < 1 || r > MAX_REPEATS) {
+        fprintf(stderr, "bench: repeats must be 1..%d\n", MAX_REPEATS);
+        exit(2);
+    }
+    return (int)r;
+}
+
+int main(int argc, char **argv)
+{
+    const char *cmd = argc > 1 ? argv[1] : "";
+    if (!strcmp(cmd, "device") && argc == 6)
+        return cmd_device(argv[2], num(argv[3]), num(argv[4]), repeats_arg(argv[5]));
+    if (!strcmp(cmd, "getname") && argc == 4)
+        return cmd_getname(num(argv[2]), repeats_arg(argv[3]));
+    if (!strcmp(cmd, "dma") && argc == 7)
+        return cmd_dma(argv[2], (uint64_t)num(argv[3]), (uint64_t)num(argv[4]), repeats_arg(argv[5]),
+                       (uint64_t)num(argv[6]));
+    if (!strcmp(cmd, "lu-preserve") && argc == 4)
+        return cmd_lu_preserve(argv[2], num(argv[3]));
+    if (!strcmp(cmd, "lu-retrieve") && argc == 4)
+        return cmd_lu_retrieve(argv[2], num(argv[3]));
+    if (!strcmp(cmd, "pipe-ioctl") && argc == 4)
+        return cmd_pipe_ioctl(num(argv[2]), repeats_arg(argv[3]));
+    fprintf(stderr, "usage: bench device CDEV ITERS_IOCTL ITERS_MMIO REPEATS | getname ITERS REPEATS |\n"
+                    "       dma CDEV TOTAL PIECE ROUNDS IOVA | lu-preserve SESSION FILES | lu-retrieve SESSION FILES |\n"
+                    "       pipe-ioctl ITERS REPEATS\n");
+    return 2;
+}

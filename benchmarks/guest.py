@@ -1,0 +1,622 @@
+"""The measurements, run inside the QEMU guest: each through pyvfio_lu and through bench.c.
+
+    python -m benchmarks.guest --stage 1 --out /shared/bench-stage-1.json [--smoke] [--only ...]
+    python -m benchmarks.guest --stage 2 --out /shared/bench-stage-2.json [--smoke] [--only ...]
+
+(started by ``python -m benchmarks`` on the host). Stage 1 (first boot): cold imports; C
+build; calibration; ioctl round trips; MMIO; DMA map/unmap; profiles; then the live-update
+samples are preserved (sessions ``bench-py-K`` through pyvfio_lu, ``bench-c-K`` by C,
+``bench-floor-K`` by plain Python, in rotating order, after untimed warm-up sessions) and
+held for the kexec. Stage 2 (after the kexec): every sample is retrieved, verified and
+finished, in the same rotating order.
+
+Python loops are written out plainly (``for _ in range(n): dev.info()``): the loop's own
+cost is part of the figure, as it is in any caller; ``python_loop`` measures it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import functools
+import json
+import os
+import pstats
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+EDU_BDF = os.environ.get("PYVFIO_LU_EDU_BDF", "0000:00:04.0")
+IOVA_BASE = 1 << 32  # above the 32-bit MSI window, inside the vIOMMU's 39-bit space
+PYTHONPATH_ENV = "PYVFIO_LU_BENCH_PYTHONPATH"  # benchmark another pyvfio_lu tree (speed-up experiments)
+ns = time.perf_counter_ns
+
+
+@dataclass(frozen=True)
+class Config:
+    ioctl_iters: int = 2000
+    mmio_iters: int = 20000
+    repeats: int = 7
+    alternations: int = 2  # Python block, C block, repeated: the repeats of both are pooled
+    dma_big_total: int = 1 << 30
+    dma_big_piece: int = 2 << 20
+    dma_big_rounds: int = 5
+    dma_small_total: int = 16 << 20  # 4 KiB pieces: a fixed 16 MiB subset of the 1 GiB (see RESULTS.md)
+    dma_small_piece: int = 4096
+    dma_small_rounds: int = 3
+    lu_files: int = 500
+    lu_samples: int = 5
+    import_n: int = 7
+    profile_iters: int = 500
+    profile_dma_pieces: int = 1024
+    profile_lu_files: int = 200
+
+
+FULL = Config()
+SMOKE = Config(ioctl_iters=50, mmio_iters=200, repeats=2, alternations=1,
+               dma_big_total=4 << 20, dma_big_rounds=1, dma_small_total=64 << 10, dma_small_rounds=1,
+               lu_files=20, lu_samples=1, import_n=1, profile_iters=20, profile_dma_pieces=8,
+               profile_lu_files=8)
+
+
+def _setup_path() -> None:
+    extra = os.environ.get(PYTHONPATH_ENV)
+    if extra and extra not in sys.path:
+        sys.path.insert(0, extra)
+
+
+def _sample(iters: int, times: list[int]) -> dict:
+    return {"iters": iters, "ns": times}
+
+
+def _time(loop, n: int, repeats: int, *args) -> dict:
+    times = []
+    for _ in range(repeats):
+        t0 = ns()
+        loop(*args, n)
+        times.append(ns() - t0)
+    return _sample(n, times)
+
+
+# --- the Python loops -------------------------------------------------------------------------
+def _loop_empty(n):
+    for _ in range(n):
+        pass
+
+
+def _loop_info(dev, n):
+    for _ in range(n):
+        dev.info()
+
+
+def _loop_info_raw(fd, n):
+    from pyvfio_lu.ioctl import FdKind, call
+
+    for _ in range(n):
+        call(FdKind.VFIO_DEVICE, fd, "VFIO_DEVICE_GET_INFO")
+
+
+def _loop_ioctl_floor(fd, number, arg, n):
+    from pyvfio_lu._cffi import lib
+
+    ioctl = lib.pvl_ioctl
+    for _ in range(n):
+        ioctl(fd, number, arg)
+
+
+def _loop_read32(bar, n):
+    for _ in range(n):
+        bar.read32(0)
+
+
+def _loop_write32(bar, n):
+    for i in range(n):
+        bar.write32(4, i)
+
+
+def _loop_read32_floor(ptr, n):
+    from pyvfio_lu._cffi import lib
+
+    read32 = lib.pvl_mmio_read32
+    for _ in range(n):
+        read32(ptr, 0)
+
+
+def _loop_get_name(session, n):
+    for _ in range(n):
+        session.get_name()
+
+
+def _loop_get_name_raw(fd, n):
+    from pyvfio_lu.ioctl import FdKind, call
+
+    for _ in range(n):
+        call(FdKind.LUO_SESSION, fd, "LIVEUPDATE_SESSION_GET_NAME")
+
+
+def py_calibration(cfg: Config) -> dict[str, dict]:
+    """The cffi floor on an ioctl any machine has (FIONREAD on a pipe): run on the host
+    too, it shows how TCG changes the Python/C ratio of one call."""
+    import termios
+
+    from pyvfio_lu._cffi import ffi
+
+    r, w = os.pipe()
+    try:
+        avail = ffi.new("int *")
+        return {"calib_fionread": _time(_loop_ioctl_floor, cfg.ioctl_iters, cfg.repeats, r, termios.FIONREAD, avail)}
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def calibration(cfg: Config, binary: Path) -> tuple[dict, dict]:
+    """(Python, C) samples of the FIONREAD calibration, alternating."""
+    from . import cprog
+
+    py, c = {}, {}
+    for _ in range(cfg.alternations):
+        _pool(py, py_calibration(cfg))
+        _pool(c, cprog.run(binary, "pipe-ioctl", cfg.ioctl_iters, cfg.repeats))
+    return py, c
+
+
+# --- ioctl round trips and MMIO -------------------------------------------------------------
+def bind_edu() -> str:
+    """Bind the edu device to vfio-pci; its cdev path."""
+    from pyvfio_lu import edu
+    from pyvfio_lu.sysfs import PciDevice
+
+    pci = PciDevice(EDU_BDF)
+    if (pci.vendor, pci.device) != (edu.VENDOR, edu.DEVICE):
+        raise RuntimeError(f"{EDU_BDF} is {pci.vendor:04x}:{pci.device:04x}, not QEMU's edu")
+    pci.bind_vfio()
+    return pci.vfio_cdev
+
+
+def py_device(cfg: Config) -> dict[str, dict]:
+    from pyvfio_lu._cffi import ffi, lib
+
+    from pyvfio_lu import edu
+    from pyvfio_lu.vfio import VfioDevice
+
+    out = {}
+    with VfioDevice.open(EDU_BDF, "iommufd") as dev:
+        fd, r, n = dev.fileno(), cfg.repeats, cfg.ioctl_iters
+        assert dev.info().is_pci
+        out["ioctl_get_info"] = _time(_loop_info, n, r, dev)
+        out["ioctl_get_info_raw"] = _time(_loop_info_raw, n, r, fd)
+        arg = ffi.new("struct vfio_device_info *")
+        arg.argsz = ffi.sizeof("struct vfio_device_info")
+        out["ioctl_get_info_floor"] = _time(_loop_ioctl_floor, n, r, fd, lib.VFIO_DEVICE_GET_INFO, arg)
+        bar = dev.bar(0)
+        if bar.read32(edu.REG_ID) != edu.ID:
+            raise RuntimeError("edu BAR0 does not read back its id")
+        n = cfg.mmio_iters
+        out["mmio_read32"] = _time(_loop_read32, n, r, bar)
+        out["mmio_write32"] = _time(_loop_write32, n, r, bar)
+        out["mmio_read32_floor"] = _time(_loop_read32_floor, n, r, bar._ptr)
+        out["python_loop"] = _time(_loop_empty, n, r)
+    return out
+
+
+def py_getname(cfg: Config) -> dict[str, dict]:
+    from pyvfio_lu._cffi import ffi, lib
+
+    from pyvfio_lu.luo import LiveUpdate
+
+    name = f"bench-getname-py-{os.getpid()}"
+    with LiveUpdate() as lu:
+        session = lu.create_session(name)
+    out = {}
+    with session:
+        if session.get_name() != name:
+            raise RuntimeError("LIVEUPDATE_SESSION_GET_NAME returned another name")
+        fd, n, r = session.fileno(), cfg.ioctl_iters, cfg.repeats
+        out["ioctl_get_name"] = _time(_loop_get_name, n, r, session)
+        out["ioctl_get_name_raw"] = _time(_loop_get_name_raw, n, r, fd)
+        arg = ffi.new("struct liveupdate_session_get_name *")
+        arg.size = ffi.sizeof("struct liveupdate_session_get_name")
+        out["ioctl_get_name_floor"] = _time(_loop_ioctl_floor, n, r, fd, lib.LIVEUPDATE_SESSION_GET_NAME, arg)
+    return out
+
+
+# --- DMA mapping -----------------------------------------------------------------------------
+def _map_pieces(iommu, base: int, piece: int, count: int) -> list:
+    return [iommu.map(base + i * piece, IOVA_BASE + i * piece, size=piece, unsafe_address=True)
+            for i in range(count)]
+
+
+def _unmap_all(iommu, maps: list) -> None:
+    for m in maps:
+        iommu.unmap(m)
+
+
+def py_dma(total: int, piece: int, rounds: int) -> dict[str, dict]:
+    """IOMMU_IOAS_MAP of ``total`` bytes of a DmaBuffer in ``piece``-sized pieces, then
+    IOMMU_IOAS_UNMAP of each, ``rounds`` times; map and unmap phases timed apart."""
+    from pyvfio_lu.iommu import PAGE, DmaBuffer
+    from pyvfio_lu.vfio import VfioDevice
+
+    count = total // piece
+    map_ns, unmap_ns = [], []
+    with VfioDevice.open(EDU_BDF, "iommufd") as dev, DmaBuffer(total) as buf:
+        buf.view()[::PAGE] = b"\1" * (total // PAGE)  # fault every page in before timing (C does the same)
+        iommu, base = dev.iommu, buf.address
+        for _ in range(rounds):
+            t0 = ns()
+            maps = _map_pieces(iommu, base, piece, count)
+            t1 = ns()
+            _unmap_all(iommu, maps)
+            t2 = ns()
+            map_ns.append(t1 - t0)
+            unmap_ns.append(t2 - t1)
+        if iommu.mappings:
+            raise RuntimeError("mappings left after unmapping every piece")
+        floor = _dma_floor(iommu.fileno(), iommu.ioas_id, base, piece, count, rounds)
+    return {f"dma_map_{piece}": _sample(count, map_ns), f"dma_unmap_{piece}": _sample(count, unmap_ns),
+            f"dma_map_floor_{piece}": _sample(count, floor[0]), f"dma_unmap_floor_{piece}": _sample(count, floor[1])}
+
+
+def _dma_floor(iommufd: int, ioas: int, base: int, piece: int, count: int, rounds: int):
+    """The same ioctls from the plainest Python: one struct per call, lib.pvl_ioctl, a result test."""
+    from pyvfio_lu._cffi import ffi, lib
+
+    ioctl, new = lib.pvl_ioctl, ffi.new
+    map_t, unmap_t = ffi.typeof("struct iommu_ioas_map *"), ffi.typeof("struct iommu_ioas_unmap *")
+    map_nr, unmap_nr = lib.IOMMU_IOAS_MAP, lib.IOMMU_IOAS_UNMAP
+    map_size, unmap_size = ffi.sizeof("struct iommu_ioas_map"), ffi.sizeof("struct iommu_ioas_unmap")
+    flags = lib.IOMMU_IOAS_MAP_FIXED_IOVA | lib.IOMMU_IOAS_MAP_READABLE | lib.IOMMU_IOAS_MAP_WRITEABLE
+    map_ns, unmap_ns = [], []
+    for _ in range(rounds):
+        t0 = ns()
+        for i in range(count):
+            off = i * piece
+            if ioctl(iommufd, map_nr, new(map_t, [map_size, flags, ioas, 0, base + off, piece, IOVA_BASE + off])) < 0:
+                raise OSError("IOMMU_IOAS_MAP failed")
+        t1 = ns()
+        for i in range(count):
+            if ioctl(iommufd, unmap_nr, new(unmap_t, [unmap_size, ioas, IOVA_BASE + i * piece, piece])) < 0:
+                raise OSError("IOMMU_IOAS_UNMAP failed")
+        t2 = ns()
+        map_ns.append(t1 - t0)
+        unmap_ns.append(t2 - t1)
+    return map_ns, unmap_ns
+
+
+# --- live update of N memfds ---------------------------------------------------------------------
+def memfd_data(i: int) -> bytes:
+    return f"file-data-{i}".encode()
+
+
+@functools.lru_cache(maxsize=4)
+def _expected(files: int) -> tuple[bytes, ...]:
+    """What each retrieved memfd must hold (built outside the timed and profiled parts)."""
+    return tuple(memfd_data(i).ljust(4096, b"\0") for i in range(files))
+
+
+def py_lu_preserve(session_name: str, files: int):
+    """Create ``session_name`` and preserve ``files`` memfds; (elapsed ns, the session)."""
+    from pyvfio_lu.luo import LiveUpdate
+    from pyvfio_lu.memfd import Memfd
+
+    t0 = ns()
+    with LiveUpdate() as lu:
+        session = lu.create_session(session_name)
+        for i in range(files):
+            with Memfd.create("bench", memfd_data(i), size=4096) as m:
+                session.preserve(m, i)
+    return ns() - t0, session
+
+
+def py_lu_retrieve(session_name: str, files: int) -> int:
+    """Retrieve ``session_name``, every memfd (verified), finish; elapsed ns."""
+    from pyvfio_lu.luo import LiveUpdate
+    from pyvfio_lu.memfd import Memfd
+
+    expected = _expected(files)
+    t0 = ns()
+    with LiveUpdate() as lu:
+        session = lu.retrieve_session(session_name)
+    with session:
+        for i in range(files):
+            with Memfd.adopt(session.retrieve(i)) as m:
+                m.verify(expected[i])
+        session.finish()
+    return ns() - t0
+
+
+def py_lu_preserve_floor(session_name: str, files: int):
+    """The same syscalls as py_lu_preserve from the plainest Python (os.*, lib.pvl_ioctl):
+    the bound for any Python code under these conditions; (elapsed ns, session fd)."""
+    from pyvfio_lu._cffi import ffi, lib
+
+    ioctl, new = lib.pvl_ioctl, ffi.new
+    pres_t, pres_size = ffi.typeof("struct liveupdate_session_preserve_fd *"), ffi.sizeof(
+        "struct liveupdate_session_preserve_fd")
+    pres_nr, flags = lib.LIVEUPDATE_SESSION_PRESERVE_FD, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+    t0 = ns()
+    luo = os.open("/dev/liveupdate", os.O_RDWR | os.O_CLOEXEC)
+    create = new("struct liveupdate_ioctl_create_session *")
+    create.size = ffi.sizeof(create[0])
+    create.name = session_name.encode()
+    if ioctl(luo, lib.LIVEUPDATE_IOCTL_CREATE_SESSION, create) < 0:
+        raise OSError("LIVEUPDATE_IOCTL_CREATE_SESSION failed")
+    sfd = create.fd
+    for i in range(files):
+        mfd = os.memfd_create("bench", flags)
+        os.ftruncate(mfd, 4096)
+        os.pwrite(mfd, memfd_data(i), 0)
+        if ioctl(sfd, pres_nr, new(pres_t, [pres_size, mfd, i])) < 0:
+            raise OSError("LIVEUPDATE_SESSION_PRESERVE_FD failed")
+        os.close(mfd)
+    os.close(luo)
+    return ns() - t0, sfd
+
+
+def py_lu_retrieve_floor(session_name: str, files: int) -> int:
+    from pyvfio_lu._cffi import ffi, lib
+
+    ioctl, new = lib.pvl_ioctl, ffi.new
+    ret_t, ret_size = ffi.typeof("struct liveupdate_session_retrieve_fd *"), ffi.sizeof(
+        "struct liveupdate_session_retrieve_fd")
+    ret_nr = lib.LIVEUPDATE_SESSION_RETRIEVE_FD
+    expected = _expected(files)
+    t0 = ns()
+    luo = os.open("/dev/liveupdate", os.O_RDWR | os.O_CLOEXEC)
+    arg = new("struct liveupdate_ioctl_retrieve_session *")
+    arg.size = ffi.sizeof(arg[0])
+    arg.name = session_name.encode()
+    if ioctl(luo, lib.LIVEUPDATE_IOCTL_RETRIEVE_SESSION, arg) < 0:
+        raise OSError("LIVEUPDATE_IOCTL_RETRIEVE_SESSION failed")
+    sfd = arg.fd
+    for i in range(files):
+        r = new(ret_t, [ret_size, 0, i])
+        if ioctl(sfd, ret_nr, r) < 0:
+            raise OSError("LIVEUPDATE_SESSION_RETRIEVE_FD failed")
+        fd = r.fd
+        size = os.fstat(fd).st_size
+        if os.pread(fd, size, 0) != expected[i]:
+            raise RuntimeError(f"memfd {i} of {session_name} does not hold its data")
+        os.close(fd)
+    fin = new("struct liveupdate_session_finish *")
+    fin.size = ffi.sizeof(fin[0])
+    if ioctl(sfd, lib.LIVEUPDATE_SESSION_FINISH, fin) < 0:
+        raise OSError("LIVEUPDATE_SESSION_FINISH failed")
+    os.close(sfd)
+    os.close(luo)
+    return ns() - t0
+
+
+def hold(sessions) -> int:
+    """Keep the outgoing sessions open until the kexec (a detached child); its pid."""
+    from pyvfio_lu.holder import daemonize_and_hold
+
+    pid = daemonize_and_hold(*sessions)
+    for s in sessions:
+        os.close(s if isinstance(s, int) else s.detach())
+    return pid
+
+
+# --- profiles --------------------------------------------------------------------------------
+def _profile(fn, *args, iters: int = 1, top: int = 10) -> dict:
+    prof = cProfile.Profile()
+    prof.enable()
+    fn(*args)
+    prof.disable()
+    st = pstats.Stats(prof)
+    rows = []
+    for (path, line, func), (cc, nc, tt, ct, _callers) in st.stats.items():
+        short = path
+        for marker in ("/pyvfio_lu/", "/benchmarks/", "/lib/python3"):
+            if marker in path:
+                short = path[path.index(marker) + 1:]
+                break
+        rows.append({"function": f"{short}:{line}({func})" if line else func, "calls_per_iter": nc / iters,
+                     "own_ns_per_iter": tt * 1e9 / iters, "cum_ns_per_iter": ct * 1e9 / iters})
+    rows.sort(key=lambda r: -r["own_ns_per_iter"])
+    return {"iters": iters, "total_ns_per_iter": st.total_tt * 1e9 / iters, "top": rows[:top]}
+
+
+def profiles_single_boot(cfg: Config) -> dict[str, dict]:
+    """cProfile of each Python loop (cProfile inflates Python-level calls: read the shares)."""
+    from pyvfio_lu.iommu import DmaBuffer
+    from pyvfio_lu.luo import LiveUpdate
+    from pyvfio_lu.vfio import VfioDevice
+
+    out, n = {}, cfg.profile_iters
+    with VfioDevice.open(EDU_BDF, "iommufd") as dev:
+        out["ioctl_get_info"] = _profile(_loop_info, dev, n, iters=n)
+        out["ioctl_get_info_raw"] = _profile(_loop_info_raw, dev.fileno(), n, iters=n)
+        bar = dev.bar(0)
+        out["mmio_read32"] = _profile(_loop_read32, bar, n * 10, iters=n * 10)
+        out["mmio_write32"] = _profile(_loop_write32, bar, n * 10, iters=n * 10)
+        pieces = cfg.profile_dma_pieces
+        with DmaBuffer(pieces * 4096) as buf:
+
+            def dma():
+                _unmap_all(dev.iommu, _map_pieces(dev.iommu, buf.address, 4096, pieces))
+
+            out["dma_4096"] = _profile(dma, iters=pieces)
+    with LiveUpdate() as lu:
+        session = lu.create_session(f"bench-prof-getname-{os.getpid()}")
+    with session:
+        out["ioctl_get_name"] = _profile(_loop_get_name, session, n, iters=n)
+    return out
+
+
+# --- stages ------------------------------------------------------------------------------------
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def single_boot(cfg: Config, workdir: Path, log=_log, only: set[str] | None = None) -> dict:
+    """Everything that needs no kexec: imports, C build, ioctl, MMIO, DMA, profiles."""
+    from . import cprog, imports
+
+    def want(group: str) -> bool:
+        return only is None or group in only
+
+    res: dict = {"python": {}, "c": {}, "imports": {}, "profiles": {}, "facts": {}}
+    py, c = res["python"], res["c"]
+    t_start = time.monotonic()
+    if want("import"):
+        log(f"bench: import times ({cfg.import_n} fresh processes each)")
+        res["imports"] = imports.measure_all(cfg.import_n, pythonpath=os.environ.get(PYTHONPATH_ENV),
+                                             pycache_prefix=tempfile.mkdtemp(prefix="pyvfio-lu-bench-pycache-"))
+    log("bench: compiling bench.c")
+    binary, res["facts"]["c_build"] = cprog.build(workdir / "c")
+    if want("ioctl") or want("mmio") or want("dma"):
+        cdev = bind_edu()
+    res["facts"].update(python=sys.version.split()[0], kernel=os.uname().release,
+                        cpu=_cpu_model(), pyvfio_lu=_pyvfio_lu_path())
+    if want("ioctl") or want("mmio"):
+        for k in range(cfg.alternations):
+            log(f"bench: ioctl + MMIO, pass {k + 1}/{cfg.alternations}: Python, then C")
+            _pool(py, py_device(cfg))
+            _pool(c, cprog.run(binary, "device", cdev, cfg.ioctl_iters, cfg.mmio_iters, cfg.repeats))
+    if want("ioctl"):
+        log("bench: calibration: FIONREAD on a pipe, cffi floor and C")
+        calib_py, calib_c = calibration(cfg, binary)
+        _pool(py, calib_py)
+        _pool(c, calib_c)
+        for k in range(cfg.alternations):
+            log(f"bench: LIVEUPDATE_SESSION_GET_NAME, pass {k + 1}/{cfg.alternations}")
+            _pool(py, py_getname(cfg))
+            _pool(c, cprog.run(binary, "getname", cfg.ioctl_iters, cfg.repeats))
+    if want("dma"):
+        for total, piece, rounds in ((cfg.dma_big_total, cfg.dma_big_piece, cfg.dma_big_rounds),
+                                     (cfg.dma_small_total, cfg.dma_small_piece, cfg.dma_small_rounds)):
+            log(f"bench: DMA map/unmap of {total >> 20} MiB in {piece >> 10} KiB pieces, {rounds} rounds: Python")
+            _pool(py, py_dma(total, piece, rounds))
+            log("bench: ... and C")
+            _pool(c, cprog.run(binary, "dma", cdev, total, piece, rounds, IOVA_BASE))
+            res["facts"][f"dma_total_{piece}"] = total
+    if want("profile"):
+        log("bench: cProfile of the Python loops")
+        res["profiles"] = profiles_single_boot(cfg)
+    res["facts"]["seconds"] = round(time.monotonic() - t_start, 2)
+    return res
+
+
+def _pool(into: dict, new: dict) -> None:
+    from .stats import merge
+
+    for name, sample in new.items():
+        into[name] = merge(into.get(name), sample)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
+
+
+def _pyvfio_lu_path() -> str:
+    import pyvfio_lu
+
+    return os.path.dirname(pyvfio_lu.__file__)
+
+
+def _lu_order(k: int) -> tuple[str, ...]:
+    """Sample k's order of pyvfio_lu, C and the plain-Python floor: rotated, so no side always goes first."""
+    sides = ("python", "c", "floor")
+    return sides[k % 3:] + sides[:k % 3]
+
+
+def stage1(cfg: Config, out: Path, only: set[str] | None) -> int:
+    from . import cprog
+
+    workdir = out.parent / "build"  # /shared/build: stage 2 reuses the binary
+    res = single_boot(cfg, workdir, only=only)
+    res["lu"] = {"preserve_python": [], "preserve_c": [], "preserve_floor": [], "files": cfg.lu_files,
+                 "samples": cfg.lu_samples}
+    if only is None or "lu" in only:
+        binary = workdir / "c" / "bench"
+        print(f"bench: live update warm-up: sessions bench-warm-py/-c of {cfg.lu_files} memfds (untimed)", flush=True)
+        sessions = [py_lu_preserve("bench-warm-py", cfg.lu_files)[1]]
+        cprog.run(binary, "lu-preserve", "bench-warm-c", cfg.lu_files)
+        for k in range(cfg.lu_samples):
+            order = _lu_order(k)
+            print(f"bench: live update sample {k + 1}/{cfg.lu_samples}: preserve {cfg.lu_files} memfds "
+                  f"({order[0]} first)", flush=True)
+            for side in order:
+                if side == "python":
+                    elapsed, s = py_lu_preserve(f"bench-py-{k}", cfg.lu_files)
+                elif side == "floor":
+                    elapsed, s = py_lu_preserve_floor(f"bench-floor-{k}", cfg.lu_files)
+                else:
+                    elapsed, s = cprog.run(binary, "lu-preserve", f"bench-c-{k}", cfg.lu_files)["lu_preserve"]["ns"][0], None
+                if s is not None:
+                    sessions.append(s)
+                res["lu"][f"preserve_{side}"].append(elapsed)
+        if only is None or "profile" in only:
+            prof = {}
+
+            def preserve():
+                prof["s"] = py_lu_preserve("bench-prof", cfg.profile_lu_files)[1]
+
+            res["profiles"]["lu_preserve"] = _profile(preserve, iters=cfg.profile_lu_files)
+            sessions.append(prof["s"])
+        res["lu"]["holder_pid"] = hold(sessions)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"bench: stage 1 results in {out}", flush=True)
+    return 0
+
+
+def stage2(cfg: Config, out: Path, only: set[str] | None) -> int:
+    from . import cprog
+
+    binary = out.parent / "build" / "c" / "bench"
+    if not binary.exists():
+        binary, _facts = cprog.build(Path(tempfile.mkdtemp(prefix="pyvfio-lu-bench-")) / "c")
+    res: dict = {"lu": {"retrieve_python": [], "retrieve_c": [], "retrieve_floor": []}, "profiles": {}}
+    _expected(cfg.lu_files), _expected(cfg.profile_lu_files)
+    # The first retrievals after a kexec are several times slower for both sides (cold kernel
+    # and page-cache state right after boot): the warm-up sessions absorb that, untimed.
+    print("bench: live update warm-up: retrieve bench-warm-py/-c (untimed)", flush=True)
+    res["lu"]["warmup_python"] = py_lu_retrieve("bench-warm-py", cfg.lu_files)
+    res["lu"]["warmup_c"] = cprog.run(binary, "lu-retrieve", "bench-warm-c", cfg.lu_files)["lu_retrieve"]["ns"][0]
+    for k in range(cfg.lu_samples):
+        order = _lu_order(k)
+        print(f"bench: live update sample {k + 1}/{cfg.lu_samples}: retrieve {cfg.lu_files} memfds and finish "
+              f"({order[0]} first)", flush=True)
+        for side in order:
+            if side == "python":
+                elapsed = py_lu_retrieve(f"bench-py-{k}", cfg.lu_files)
+            elif side == "floor":
+                elapsed = py_lu_retrieve_floor(f"bench-floor-{k}", cfg.lu_files)
+            else:
+                elapsed = cprog.run(binary, "lu-retrieve", f"bench-c-{k}", cfg.lu_files)["lu_retrieve"]["ns"][0]
+            res["lu"][f"retrieve_{side}"].append(elapsed)
+    if only is None or "profile" in only:
+        res["profiles"]["lu_retrieve"] = _profile(py_lu_retrieve, "bench-prof", cfg.profile_lu_files,
+                                                  iters=cfg.profile_lu_files)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"bench: stage 2 results in {out}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.guest", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", type=int, choices=[1, 2], required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--only", help="comma-separated groups: import,ioctl,mmio,dma,lu,profile")
+    args = parser.parse_args(argv)
+    _setup_path()
+    cfg = SMOKE if args.smoke else FULL
+    only = set(args.only.split(",")) if args.only else None
+    (args.out.parent / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+    return (stage1 if args.stage == 1 else stage2)(cfg, args.out, only)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
