@@ -128,6 +128,30 @@ def request(kind: FdKind, name: str) -> Request:
         ) from None
 
 
+_PREPARED: dict = {}  # name -> (kind, Request, ctype, size, template); filled on first use
+
+
+def _prepare(kind: FdKind, name: str) -> tuple:
+    """Resolve ``name`` on ``kind`` once: the cffi pointer type, struct size and a template
+    struct with its size field set (``ffi.new(ctype, template)`` copies it)."""
+    req = request(kind, name)
+    if isinstance(req.arg, Arg):
+        entry = (kind, req, None, 0, None)
+    else:
+        ctype = ffi.typeof(f"struct {req.arg} *")
+        size = ffi.sizeof(ctype.item)
+        t = ffi.new(ctype)
+        setattr(t, req.size_field, size)
+        try:
+            template = t[0]
+            ffi.new(ctype, template)
+        except (SystemError, TypeError):  # cffi cannot copy a struct ending in a flexible array
+            template = None
+        entry = (kind, req, ctype, size, template)
+    _PREPARED[name] = entry
+    return entry
+
+
 def new_arg(req: Request, extra: int = 0, size: int | None = None) -> Any:
     """A zeroed argument for ``req`` with ``extra`` bytes after the struct.
 
@@ -135,7 +159,7 @@ def new_arg(req: Request, extra: int = 0, size: int | None = None) -> Any:
     raw tests use that to show the kernel's EINVAL for a short size).
     """
     ctype = f"struct {req.arg} *"
-    base = ffi.sizeof(f"struct {req.arg}")
+    base = ffi.sizeof(ctype[:-2])
     if extra:
         arg = ffi.from_buffer(ctype, bytearray(base + extra))
     else:
@@ -157,10 +181,17 @@ def call(kind: FdKind, fd: int, name: str, arg: Any = None, /, *, target: str = 
     otherwise a zeroed struct is made, ``extra`` bytes longer, with ``tail`` written right
     after the struct, its size field set (to ``arg_size`` if given), and then ``fields``
     assigned. ``kind``, ``fd``, ``name`` and ``arg`` are positional-only, so struct fields
-    with those names (``fd``, ``name``, ``size``) can be passed as keywords.
+    with those names (``fd``, ``name``, ``size``) can be passed as keywords. ``target`` (what
+    the error message names) may be a callable, evaluated only when the call fails.
+
+    Each request is resolved once (pointer type, size, a template struct with its size
+    field set) and reused, so the common call is one ``ffi.new`` copy and one ioctl.
     """
-    req = request(kind, name)
-    if isinstance(req.arg, Arg):
+    entry = _PREPARED.get(name)
+    if entry is None or entry[0] is not kind:
+        entry = _prepare(kind, name)
+    _kind, req, ctype, size, template = entry
+    if ctype is None:
         if req.arg is Arg.NONE:
             ret = lib.pvl_ioctl(fd, req.number, ffi.NULL)
         elif req.arg is Arg.VALUE:
@@ -170,17 +201,23 @@ def call(kind: FdKind, fd: int, name: str, arg: Any = None, /, *, target: str = 
         else:
             ret = lib.pvl_ioctl(fd, req.number, ffi.new("char[]", os.fsencode(arg)))
         if ret < 0:
-            raise error_for(-ret, name, target)
+            raise error_for(-ret, name, target() if callable(target) else target)
         return ret
     if arg is None:
-        arg = new_arg(req, extra + len(tail), arg_size)
-        if tail:
-            ffi.memmove(ffi.cast("char *", arg) + ffi.sizeof(f"struct {req.arg}"), tail, len(tail))
+        if extra or tail or arg_size is not None:
+            arg = new_arg(req, extra + len(tail), arg_size)
+            if tail:
+                ffi.memmove(ffi.cast("char *", arg) + size, tail, len(tail))
+        elif template is not None:
+            arg = ffi.new(ctype, template)
+        else:
+            arg = ffi.new(ctype)
+            setattr(arg, req.size_field, size)
         for field, value in fields.items():
             setattr(arg, field, value)
     ret = lib.pvl_ioctl(fd, req.number, arg)
     if ret < 0:
-        raise error_for(-ret, name, target)
+        raise error_for(-ret, name, target() if callable(target) else target)
     return arg
 
 

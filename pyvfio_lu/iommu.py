@@ -300,7 +300,9 @@ class Iommu:
             iova = (self.allocator or self.iova_allocator()).alloc(length)
         elif iova % PAGE:
             raise InvalidArgument(errno.EINVAL, "DMA map", f"iova {iova:#x}", "iova must be page-aligned")
-        target = f"{self.target} iova {iova:#x} size {length:#x}"
+        def target() -> str:  # only formatted on failure
+            return f"{self.target} iova {iova:#x} size {length:#x}"
+
         if self.is_iommufd:
             flags = lib.IOMMU_IOAS_MAP_FIXED_IOVA | (lib.IOMMU_IOAS_MAP_READABLE if readable else 0) \
                 | (lib.IOMMU_IOAS_MAP_WRITEABLE if writeable else 0)
@@ -343,7 +345,9 @@ class Iommu:
                 if known is None:
                     raise InvalidArgument(errno.EINVAL, "DMA unmap", f"iova {iova:#x}", "size is required")
                 size = known.size
-        target = f"{self.target} iova {iova:#x} size {size:#x}"
+        def target() -> str:
+            return f"{self.target} iova {iova:#x} size {size:#x}"
+
         if self.is_iommufd:
             done = call(FdKind.IOMMUFD, self.fileno(), "IOMMU_IOAS_UNMAP", ioas_id=self.ioas_id, iova=iova,
                         length=size, target=target).length
@@ -369,6 +373,12 @@ class Iommu:
         return done
 
     def _forget(self, iova: int, size: int) -> None:
+        m = self.mappings.get(iova)
+        if m is not None and m.size == size:  # the usual case: one mapping, found by its IOVA
+            del self.mappings[iova]
+            if m.keepalive and isinstance(m.keepalive[0], DmaBuffer):
+                m.keepalive[0].mapped_by.discard(id(self))
+            return
         for start in [s for s in self.mappings if iova <= s and s + self.mappings[s].size - 1 <= iova + size - 1]:
             m = self.mappings.pop(start)
             if m.keepalive and isinstance(m.keepalive[0], DmaBuffer):

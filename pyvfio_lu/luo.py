@@ -223,16 +223,21 @@ class Session:
         sfd = self._need(OUTGOING, "LIVEUPDATE_SESSION_PRESERVE_FD")
         check_token(token)
         fd = fileno_of(file)
-        target = f"{self.target} (token {token:#x})"
+        def target() -> str:
+            return f"{self.target} (token {token:#x})"
+
         try:
             call(FdKind.LUO_SESSION, sfd, "LIVEUPDATE_SESSION_PRESERVE_FD", fd=fd, token=token, target=target)
         except NotPreservable as exc:
             kind, link = fd_kind(fd)
             if kind is FdKind.VFIO_DEVICE:
-                raise VfioPreservationUnsupported(exc.errno, exc.operation, target) from None
-            raise NotPreservable(exc.errno, exc.operation, target,
+                raise VfioPreservationUnsupported(exc.errno, exc.operation, target()) from None
+            raise NotPreservable(exc.errno, exc.operation, target(),
                                  f"the kernel has no live-update handler for this kind of file ({link})") from None
-        self._preserved[token] = _describe(fd)
+        # what the file is, for the PreservationLost message: the object's own description
+        # when it has one (Memfd, OwnedFd), else one readlink of /proc/self/fd
+        what = getattr(file, "what", None)
+        self._preserved[token] = what if isinstance(what, str) else _describe(fd)
 
     def retrieve(self, token: int) -> OwnedFd:
         """The file preserved under ``token``, as a new fd owned by the returned object.
@@ -243,7 +248,7 @@ class Session:
         sfd = self._need(INCOMING, "LIVEUPDATE_SESSION_RETRIEVE_FD")
         check_token(token)
         arg = call(FdKind.LUO_SESSION, sfd, "LIVEUPDATE_SESSION_RETRIEVE_FD", token=token,
-                   target=f"{self.target} (token {token:#x})")
+                   target=lambda: f"{self.target} (token {token:#x})")
         self._retrieved.add(token)
         return OwnedFd(arg.fd, f"file {token:#x} of session {self.name!r}")
 
@@ -259,7 +264,10 @@ class Session:
 
     def get_name(self) -> str:
         """The session's name as the kernel reports it (LIVEUPDATE_SESSION_GET_NAME)."""
-        return get_name(self.fileno(), self.target)
+        return get_name(self.fileno(), self._target)
+
+    def _target(self) -> str:
+        return self.target
 
     # --- lifetime ---------------------------------------------------------------------------
     def detach(self) -> int:
@@ -305,7 +313,7 @@ class Session:
 
 
 def get_name(fd: int, target: str = "") -> str:
-    arg = call(FdKind.LUO_SESSION, fd, "LIVEUPDATE_SESSION_GET_NAME", target=target or f"session fd {fd}")
+    arg = call(FdKind.LUO_SESSION, fd, "LIVEUPDATE_SESSION_GET_NAME", target=target or (lambda: f"session fd {fd}"))
     return ffi.string(ffi.cast("char *", arg.name), 64).decode(errors="replace")
 
 

@@ -189,6 +189,9 @@ class Bar:
                 self.close()
                 raise
         self._ptr = self._maps[0][2] if len(self._maps) == 1 and self._maps[0][0] == 0 else None
+        if self._ptr is not None:  # per-instance fast paths, see _fast_read32
+            self.read32 = _fast_read32(self._ptr, self.size, self.read)
+            self.write32 = _fast_write32(self._ptr, self.size, self.write)
 
     @property
     def mapped(self) -> bool:
@@ -251,6 +254,37 @@ class Bar:
             lib.pvl_munmap(ptr, size)
         self._maps = []
         self._ptr = None
+        self.__dict__.pop("read32", None)
+        self.__dict__.pop("write32", None)
+
+
+_DEVICE_INFO_SIZE = ffi.sizeof("struct vfio_device_info")
+_DEVICE_FLAGS_CAPS = lib.VFIO_DEVICE_FLAGS_CAPS
+
+
+def _fast_read32(ptr, size: int, slow):
+    """Bar.read32 for a BAR mapped in one piece: the bounds live in closure cells, one cffi
+    call; any other offset goes to the general path (which raises for a bad one)."""
+    load, limit = lib.pvl_mmio_read32, size - 4
+
+    def read32(offset: int) -> int:
+        if 0 <= offset <= limit and not offset & 3:
+            return load(ptr, offset)
+        return slow(offset, 4)
+
+    return read32
+
+
+def _fast_write32(ptr, size: int, slow):
+    store, limit = lib.pvl_mmio_write32, size - 4
+
+    def write32(offset: int, value: int) -> None:
+        if 0 <= offset <= limit and not offset & 3:
+            store(ptr, offset, value)
+        else:
+            slow(offset, value, 4)
+
+    return write32
 
 
 _READ = {1: lib.pvl_mmio_read8, 2: lib.pvl_mmio_read16, 4: lib.pvl_mmio_read32, 8: lib.pvl_mmio_read64}
@@ -407,7 +441,10 @@ class VfioDevice:
     def _call(self, name: str, arg: Any = None, **kw) -> Any:
         if self.cdev and not self.bound:
             raise DeviceNotBound(errno.EINVAL, name, self.name)
-        return call(FdKind.VFIO_DEVICE, self.fileno(), name, arg, target=self.name, **kw)
+        return call(FdKind.VFIO_DEVICE, self.fileno(), name, arg, target=self._name, **kw)
+
+    def _name(self) -> str:  # the error-message target, computed only on failure
+        return self.name
 
     # --- cdev + iommufd ---------------------------------------------------------------------
     def bind(self, iommu: Iommu | int) -> int:
@@ -433,11 +470,12 @@ class VfioDevice:
     # --- info ------------------------------------------------------------------------------
     def info(self) -> DeviceInfo:
         arg = self._call("VFIO_DEVICE_GET_INFO")
-        base = ffi.sizeof("struct vfio_device_info")
-        if arg.flags & lib.VFIO_DEVICE_FLAGS_CAPS and arg.argsz > base:
-            arg = self._call("VFIO_DEVICE_GET_INFO", extra=arg.argsz - base)
-        caps = _caps_of(arg, arg.cap_offset, _device_cap) if arg.flags & lib.VFIO_DEVICE_FLAGS_CAPS else ()
-        return DeviceInfo(arg.flags, arg.num_regions, arg.num_irqs, caps)
+        flags = arg.flags
+        if not flags & _DEVICE_FLAGS_CAPS:
+            return DeviceInfo(flags, arg.num_regions, arg.num_irqs)
+        if arg.argsz > _DEVICE_INFO_SIZE:
+            arg = self._call("VFIO_DEVICE_GET_INFO", extra=arg.argsz - _DEVICE_INFO_SIZE)
+        return DeviceInfo(arg.flags, arg.num_regions, arg.num_irqs, _caps_of(arg, arg.cap_offset, _device_cap))
 
     def region_info(self, index: int) -> RegionInfo:
         """Region ``index`` (grow-and-retry for capabilities)."""

@@ -53,12 +53,13 @@ def test_create_distinct_sessions(luo):
 
 
 def test_preserve_memfd(luo):
-    m = memfd(b"preserved data")
+    m, raw = memfd(b"preserved data"), memfd(b"raw fd")
     with luo.create_session("preserve-memfd") as s:
-        s.preserve(m, 0x1234)
-        assert s.preserved == {0x1234: os.readlink(f"/proc/self/fd/{m.fileno()}")}
+        s.preserve(m, 0x1234)  # an object that describes itself
+        s.preserve(raw.fileno(), 0x1235)  # a bare fd: described by its /proc link
+        assert s.preserved == {0x1234: "memfd 't'", 0x1235: os.readlink(f"/proc/self/fd/{raw.fileno()}")}
     assert m.read_all() == b"preserved data"  # closing the session un-preserves, data intact
-    m.close()
+    m.close(), raw.close()
 
 
 def test_preserve_multiple_memfds(luo):
