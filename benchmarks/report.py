@@ -234,17 +234,16 @@ def analysis(results: dict) -> list[str]:
             f"on a ready struct: one Python→C call plus the syscall) is {fmt_ns(floor['python_median_ns'])} "
             f"({floor['ratio']:.2f}x C): under TCG the call into C alone costs more than the syscall, so no cffi "
             f"binding can meet 1.5x here. The raw `call()` layer adds "
-            f"{fmt_ns(raw['python_median_ns'] - floor['python_median_ns'])} per call: `request()` (a dict lookup "
-            "keyed by the `FdKind` enum, whose `__hash__` is Python code), `new_arg` building the struct from type "
-            "*strings* on every call (`f\"struct {name} *\"`, `ffi.sizeof(\"struct ...\")`, `ffi.new` parsing-cache "
-            "lookups), `setattr` of the size field, the `**fields` loop, the result check. `dev.info()` adds "
-            f"{fmt_ns(info['python_median_ns'] - raw['python_median_ns'])} more: `_call` (cdev/bound test, "
-            "`self.fileno()`, the `self.name` property for an error message that is almost never needed, `**kw` "
-            "re-packing), `ffi.sizeof(\"struct vfio_device_info\")` and `lib.VFIO_DEVICE_FLAGS_CAPS` looked up "
-            f"twice, four cdata field reads, the `DeviceInfo` record.{_top(results, 'ioctl_get_info')} What "
-            "removes most of it: resolve each request once (cache its ctype, size and a template struct with the "
-            "size field already set: `ffi.new(ctype, template)`), pass the error-message target as a callable that "
-            "is only called on failure, hoist sizes and flag constants to module level. The floor row is the bound.")
+            f"{fmt_ns(raw['python_median_ns'] - floor['python_median_ns'])} per call. It already resolves each "
+            "request once (pointer type, size, a template struct with the size field set, copied by one `ffi.new`) "
+            "and formats the error-message target only on failure (these cut `call()` by about 40%); what remains "
+            "is the keyword-argument call itself, the cached-entry lookup, the `**fields` loop of `setattr`s and "
+            f"the result check. `dev.info()` adds {fmt_ns(info['python_median_ns'] - raw['python_median_ns'])} "
+            "more: `_call` (the cdev/bound test, `self.fileno()`, `**kw` re-packing), four cdata field reads and "
+            f"the `DeviceInfo` record.{_top(results, 'ioctl_get_info')} What would remove more: a per-object "
+            "prepared struct reused across calls (re-zeroed in C) and a C helper that issues the ioctl and "
+            "returns the fields as a tuple, i.e. moving the per-call Python work into the extension. The floor row "
+            "is the bound.")
     gn, gnr, gnf = (_row(results, k) for k in ("ioctl_get_name", "ioctl_get_name_raw", "ioctl_get_name_floor"))
     if gn and gnr and gnf:
         out.append(
@@ -253,7 +252,7 @@ def analysis(results: dict) -> list[str]:
             f"{fmt_ns(gn['python_median_ns'])}: on top of `call()`, `Session.get_name()` formats its error-message "
             "target (`Session.target`: an f-string with `repr(name)`) on every call, goes through `fileno()` and the "
             f"module-level `get_name`, and decodes the name (`ffi.string(ffi.cast(...))`).{_top(results, 'ioctl_get_name')}"
-            " Same remedies as above (lazy target, cached request).")
+            " The request cache and the lazy target are applied; the rest is the Python calls themselves.")
     rd, rdf = _row(results, "mmio_read32"), _row(results, "mmio_read32_floor")
     if rd and rdf:
         extra = f" (the bare `for` loop is {fmt_ns(loop)} of it)" if loop else ""
@@ -263,9 +262,9 @@ def analysis(results: dict) -> list[str]:
             f"bytecode is dear. The cffi floor (`lib.pvl_mmio_read32(ptr, 0)`) is {fmt_ns(rdf['python_median_ns'])}"
             f"{extra}; `Bar.read32` adds {fmt_ns(rd['python_median_ns'] - rdf['python_median_ns'])}: a Python "
             "method call (bound method, frame), the `self._ptr`/`self.size` loads and the bounds/alignment test."
-            f"{_top(results, 'mmio_read32')} What removes part of it: bind per-instance closures when the BAR is "
-            "mapped (`bar.read32 = closure over (ptr, size - 4)`), so a call is one closure call, two compares and "
-            "the cffi call. Moving the check into a C helper would not help much: raising the error still needs the "
+            f"{_top(results, 'mmio_read32')} A mapped BAR already binds per-instance closures "
+            "(`bar.read32` closes over the pointer and the limit): one closure call, two compares and the cffi "
+            "call. Moving the check into a C helper would not help much: raising the error still needs the "
             "Python frame. Nothing in Python gets near 1.5x of a TCG MMIO access; under KVM the access itself "
             "(a VM exit) dominates both sides.")
     m2, u2, m4, u4 = (_row(results, k) for k in ("dma_2097152_map", "dma_2097152_unmap", "dma_4096_map",
@@ -282,13 +281,11 @@ def analysis(results: dict) -> list[str]:
             f"{fmt_ns(per(m2, 'c'))} per map) and {fmt_ns(over(m4))} (4 KiB pieces, C {fmt_ns(per(m4, 'c'))} per "
             "map): `call()` as above with six keyword fields, plus `Iommu.map`'s own work — argument checks, the "
             "error-message target (`Iommu.target` property and an f-string of iova and size) built on every call, "
-            "three `lib.` flag lookups, the `Mapping` record. Unmapping is worse and not constant: Python's extra "
-            f"cost per `Iommu.unmap` is {fmt_ns(over(u2))} with {u2['iters']} mappings and {fmt_ns(over(u4))} with "
-            f"{u4['iters']}. It grows with the number of mappings because `Iommu._forget` scans every mapping (a "
-            "list comprehension over `self.mappings`) on each unmap: O(n) per call, O(n²) per teardown, which is "
-            f"also why only a subset of the 1 GiB is mapped in 4 KiB pieces.{_top(results, 'dma_4096')} What "
-            "removes it: in `_forget`, delete `self.mappings[iova]` directly when a mapping starts exactly there "
-            "with that size (the usual case) and scan only otherwise; build the targets only on failure."
+            "three `lib.` flag lookups, the `Mapping` record. Python's extra cost per `Iommu.unmap` is "
+            f"{fmt_ns(over(u2))} with {u2['iters']} mappings and {fmt_ns(over(u4))} with {u4['iters']}: constant, "
+            "since `Iommu._forget` finds a mapping by its IOVA (it scanned every mapping before, an O(n²) teardown "
+            f"that made the 4 KiB case 270x C).{_top(results, 'dma_4096')} What would remove more: a batch "
+            "`map_many`/`unmap_many` that prepares one struct and loops in C."
             + _dma_floor_text(results))
     lp, lr = _row(results, "lu_preserve"), _row(results, "lu_retrieve")
     if lp and lr:
@@ -297,12 +294,11 @@ def analysis(results: dict) -> list[str]:
             f"- **Live update** — per memfd, Python spends {fmt_ns((lp['python_median_ns'] - lp['c_median_ns']) / n)} "
             f"more than C before the kexec and {fmt_ns((lr['python_median_ns'] - lr['c_median_ns']) / n)} after "
             f"it.{_top(results, 'lu_preserve')}{_top(results, 'lu_retrieve')} Besides `call()`: "
-            "`Session.preserve` records what it preserved with a `readlink(/proc/self/fd/N)` per file (a syscall C "
-            "does not make), `check_token`, `fileno_of`, a target f-string; `Memfd.create` wraps the fd and writes "
-            "through a memoryview loop; after the kexec `Session.retrieve` formats two strings per file (the target "
-            "and the new `OwnedFd`'s description), `Memfd.adopt` re-wraps the fd and `verify` adds an `fstat` for "
-            "the size. What removes most of it: the request cache and lazy targets above, and in `preserve` the "
-            "file object's own description (`Memfd.what`) instead of the readlink when it has one."
+            "`Session.preserve`'s `check_token`, `fileno_of` and bookkeeping of what it preserved (the object's own "
+            "description now, no longer a `readlink` per file); `Memfd.create` wraps the fd and writes through a "
+            "memoryview loop; after the kexec `Session.retrieve` builds the new `OwnedFd`'s description, "
+            "`Memfd.adopt` re-wraps the fd and `verify` adds an `fstat` for the size. What would remove more: "
+            "a `Session.preserve_many`/`retrieve_many` doing the loop in C."
             + (f" The same syscalls from the plainest Python (`os.memfd_create`/`ftruncate`/`pwrite`/`fstat`/`pread`/"
                f"`close` and `lib.pvl_ioctl`, no pyvfio_lu objects) take {fmt_ns(fl['python_median_ns'])}, "
                f"{fl['ratio']:.2f}x C: under TCG each Python-to-C call costs a few µs, and a memfd's round trip is "
@@ -381,8 +377,7 @@ def markdown(results: dict) -> str:
         "every page faulted in beforehand, each round maps every piece then unmaps each; the device is attached "
         "to the IOAS (intel vIOMMU), IOVAs from 4 GiB up. The 4 KiB-piece case maps a fixed "
         f"{_size(cfg.get('dma_small_total', 0))} subset ({cfg.get('dma_small_total', 0) // 4096} pieces), the "
-        "same for C and Python: all 262144 pieces of 1 GiB take minutes per round under TCG (and Python's unmap is "
-        "quadratic, see below); the plain-Python floor rows issue the same ioctls from a bare loop in the same "
+        "same for C and Python: all 262144 pieces of 1 GiB take minutes per round under TCG; the plain-Python floor rows issue the same ioctls from a bare loop in the same "
         "process. Live update: untimed warm-up sessions first, then per sample three sessions, `bench-py-K` "
         "(pyvfio_lu), `bench-c-K` (C) and `bench-floor-K` (plain Python: `os.*` and `lib.pvl_ioctl`), preserved "
         "in rotating order before the kexec and retrieved in the same order after it, each of "

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 IOMMU_MODES = ("intel", "virtio")
 ACCELS = ("tcg", "kvm")
 EDU_BDF = "0000:00:04.0"  # the edu device's fixed address (see qemu_argv)
-BASE_APPEND = "console=ttyS0 panic=-1 kho=on liveupdate=on"
+BASE_APPEND = "console=ttyS0 panic=-1 kho=on liveupdate=on initcall_blacklist=e1000_init_module"
+E1000E_BDF = "0000:00:08.0"  # the e1000e test device (see qemu_argv)
 #: virtio-iommu has no interrupt remapping: without these VFIO refuses the device (EPERM).
 VIRTIO_IOMMU_APPEND = "vfio_iommu_type1.allow_unsafe_interrupts=1 iommufd.allow_unsafe_interrupts=1"
 TAIL_LINES = 40
@@ -122,6 +123,10 @@ def qemu_argv(spec: QemuSpec) -> list[str]:
     else:
         argv += ["-device", "virtio-iommu-pci,addr=0x3"]
     argv += ["-device", "edu,addr=0x4"]
+    # A second VFIO test device with what edu lacks: a PCI PM capability (D0/D3hot), MSI-X
+    # (BAR 3, msix-mappable) and a PM reset. Its guest driver is kept from binding at boot
+    # (initcall_blacklist in BASE_APPEND), so interface names do not change.
+    argv += ["-netdev", "user,id=net1,restrict=on", "-device", "e1000e,netdev=net1,addr=0x8,romfile="]
     if spec.net:
         argv += ["-netdev", "user,id=net0,restrict=on",
                  "-device", "virtio-net-pci,netdev=net0,addr=0x5"]

@@ -141,14 +141,16 @@ def test_argv_intel_tcg(tmp_path: Path) -> None:
     assert devices[0] == "intel-iommu,intremap=on,caching-mode=on"  # before the PCI devices
     assert "edu,addr=0x4" in devices
     assert "virtio-net-pci,netdev=net0,addr=0x5" in devices
-    assert opt(argv, "-netdev") == ["user,id=net0,restrict=on"]
+    assert "e1000e,netdev=net1,addr=0x8,romfile=" in devices  # the device with PM, MSI-X, reset
+    assert opt(argv, "-netdev") == ["user,id=net1,restrict=on", "user,id=net0,restrict=on"]
     fsdevs = opt(argv, "-fsdev")
     assert fsdevs[0] == "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap"
     assert fsdevs[1] == f"local,id=shared,path={tmp_path},security_model=none,multidevs=remap"
     assert "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot,addr=0x6" in devices
     assert "virtio-9p-pci,fsdev=shared,mount_tag=shared,addr=0x7" in devices
     assert opt(argv, "-kernel") == ["/k/bzImage"] and opt(argv, "-initrd") == ["/k/initrd.gz"]
-    assert opt(argv, "-append") == ["console=ttyS0 panic=-1 kho=on liveupdate=on pyvfio_lu.stage=1"]
+    assert opt(argv, "-append") == ["console=ttyS0 panic=-1 kho=on liveupdate=on "
+                                     "initcall_blacklist=e1000_init_module pyvfio_lu.stage=1"]
     assert opt(argv, "-serial") == ["stdio"] and "-no-reboot" in argv and "-nodefaults" in argv
     assert not any("virtio-iommu" in d for d in devices)
 
@@ -162,9 +164,9 @@ def test_argv_virtio_iommu_kvm(tmp_path: Path) -> None:
     assert opt(argv, "-accel") == ["kvm"]
     assert opt(argv, "-machine") == ["q35,kernel-irqchip=split"]
     assert opt(argv, "-cpu") == ["host"] and opt(argv, "-m") == ["3G"]
-    assert "-netdev" not in argv and not any("virtio-net" in d for d in devices)
+    assert opt(argv, "-netdev") == ["user,id=net1,restrict=on"] and not any("virtio-net" in d for d in devices)
     assert opt(argv, "-append") == [
-        "console=ttyS0 panic=-1 kho=on liveupdate=on pyvfio_lu.stage=2 "
+        "console=ttyS0 panic=-1 kho=on liveupdate=on initcall_blacklist=e1000_init_module pyvfio_lu.stage=2 "
         "vfio_iommu_type1.allow_unsafe_interrupts=1 iommufd.allow_unsafe_interrupts=1 quiet"]
 
 
