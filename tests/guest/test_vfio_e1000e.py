@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from pyvfio_lu import errors
@@ -69,18 +71,39 @@ def test_power_state_agrees_with_the_pm_capability(nic):
         nic.bdf = sysfs_view
 
 
-def test_d0_precondition_on_the_real_kernel(nic_bdf):
+@pytest.fixture
+def runtime_pm_allowed(nic_bdf):
+    """PCI devices start with runtime PM forbidden (power/control = on): vfio-pci's low-power
+    entry then cannot suspend the device. Allow it for the test, restore it after."""
+    control = f"/sys/bus/pci/devices/{nic_bdf}/power/control"
+    with open(control) as fh:
+        before = fh.read().strip()
+    with open(control, "w") as fh:
+        fh.write("auto")
+    yield
+    with open(control, "w") as fh:
+        fh.write(before)
+
+
+def _wait_for_power_state(dev, prefix: str, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while not (state := dev.power_state()).startswith(prefix) and time.monotonic() < deadline:
+        time.sleep(0.05)  # runtime suspend and resume run from a workqueue
+    return state
+
+
+def test_d0_precondition_on_the_real_kernel(nic_bdf, runtime_pm_allowed):
     with VfioDevice.open(nic_bdf, "iommufd") as dev, LiveUpdate() as lu, lu.create_session("vfio-d3") as s:
         assert dev.feature_probe(lib.VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY, lib.VFIO_DEVICE_FEATURE_SET)
         dev.feature_set(lib.VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY)
         try:
-            state = dev.power_state()
+            state = _wait_for_power_state(dev, "D3")
             assert state.startswith("D3")
             with pytest.raises(errors.NotLiveUpdateReady, match=f"in {state}, not D0"):
                 dev.preserve(s, 1)
             assert s.preserved == {}
         finally:
             dev.feature_set(lib.VFIO_DEVICE_FEATURE_LOW_POWER_EXIT)
-        assert dev.power_state() == "D0"
+        assert _wait_for_power_state(dev, "D0") == "D0"
         with pytest.raises(errors.VfioPreservationUnsupported):  # every precondition met: the kernel answers
             dev.preserve(s, 1)

@@ -292,19 +292,3 @@ def test_from_fd_of_an_already_bound_cdev(edu_bdf):
         assert first.info().num_irqs == 5  # the borrowed wrapper did not close the fd
         first.close()
 
-
-def test_low_power_entry_breaks_the_d0_precondition(cdev):
-    with LiveUpdate() as lu, lu.create_session("vfio-d0") as s:
-        if not cdev.feature_probe(lib.VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY, lib.VFIO_DEVICE_FEATURE_SET):
-            pytest.skip("vfio-pci offers no low-power entry for this device")
-        cdev.feature_set(lib.VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY)
-        try:
-            state = cdev.power_state()
-            if state == "D0":
-                pytest.skip("low-power entry left the device in D0 (no PCI PM capability)")
-            with pytest.raises(errors.NotLiveUpdateReady, match=f"in {state}, not D0"):
-                cdev.preserve(s, 1)
-            assert s.preserved == {}
-        finally:
-            cdev.feature_set(lib.VFIO_DEVICE_FEATURE_LOW_POWER_EXIT)
-        assert edu.Edu(cdev).identify() == edu.ID
