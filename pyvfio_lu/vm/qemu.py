@@ -189,7 +189,7 @@ class Markers:
 
     @property
     def kexec_happened(self) -> bool:
-        """The second kernel came up after ``kexec -e``."""
+        """The second kernel came up after the reboot into the loaded kernel."""
         return "kexec.exec" in self.times and ("kernel2" in self.times or "init2" in self.times)
 
     @property
@@ -199,12 +199,12 @@ class Markers:
 
     @property
     def kexec_load_seconds(self) -> float | None:
-        """``kexec -s -l`` in the guest."""
+        """``kexec_file_load`` in the guest (pyvfio_lu.kexec, a fresh Python process)."""
         return self.between("kexec.load", "kexec.exec")
 
     @property
     def kexec_seconds(self) -> float | None:
-        """``kexec -e`` to the stage-2 command starting."""
+        """``reboot(RB_KEXEC)`` to the stage-2 command starting."""
         return self.between("kexec.exec", "stage2.begin")
 
 

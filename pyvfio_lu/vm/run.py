@@ -40,7 +40,7 @@ class GuestResult:
     results_dir: Path
     console_log: Path
     stage_rc: dict[int, int | None]  # exit code of each requested stage's command
-    kexec: bool  # the second kernel came up after kexec -e
+    kexec: bool  # the second kernel came up after the kexec reboot
     markers: Markers
     accel: str
     iommu: str
@@ -77,8 +77,8 @@ class GuestResult:
             f"  boot (QEMU start -> stage 1 command): {sec(self.boot_seconds)}",
         ]
         if 2 in self.stage_rc:
-            lines.append(f"  kexec: {'yes' if self.kexec else 'NO'}; kexec -s -l: "
-                         f"{sec(self.kexec_load_seconds)}; kexec -e -> stage 2 command: "
+            lines.append(f"  kexec: {'yes' if self.kexec else 'NO'}; kexec_file_load: "
+                         f"{sec(self.kexec_load_seconds)}; reboot(RB_KEXEC) -> stage 2 command: "
                          f"{sec(self.kexec_seconds)}")
         lines.append(f"  {rcs}; total {sec(self.seconds)}")
         lines.append(f"  console log: {self.console_log}")

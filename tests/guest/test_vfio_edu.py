@@ -292,3 +292,9 @@ def test_from_fd_of_an_already_bound_cdev(edu_bdf):
         assert first.info().num_irqs == 5  # the borrowed wrapper did not close the fd
         first.close()
 
+
+
+def test_device_feature_get_of_an_unsupported_feature(dev):
+    with pytest.raises(errors.NotSupported) as exc:
+        dev.feature_get(lib.VFIO_DEVICE_FEATURE_MIGRATION, 8)
+    assert exc.value.errno == errno.ENOTTY and "VFIO_DEVICE_FEATURE" in str(exc.value)
