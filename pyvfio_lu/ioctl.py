@@ -168,10 +168,6 @@ def new_arg(req: Request, extra: int = 0, size: int | None = None) -> Any:
     return arg
 
 
-def raise_for(err: int, name: str, target: str) -> None:
-    raise error_for(err, name, target)
-
-
 def call(kind: FdKind, fd: int, name: str, arg: Any = None, /, *, target: str = "", extra: int = 0,
          tail: bytes = b"", arg_size: int | None = None, **fields: Any) -> Any:
     """Issue ``name`` on ``fd`` (an fd of ``kind``) and return the argument struct, or the
