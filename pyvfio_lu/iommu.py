@@ -410,8 +410,17 @@ class Iommu:
         return f"<Iommu {self.target} mappings={len(self.mappings)}>"
 
 
+_MISSING = {
+    "/dev/iommu": "this kernel has no iommufd (CONFIG_IOMMUFD=y, or load the iommufd module); "
+                  "the legacy modes vfio_type1_iommu / vfio_type1v2_iommu use /dev/vfio/vfio instead",
+    "/dev/vfio/vfio": "this kernel has no VFIO container (CONFIG_VFIO_CONTAINER=y, or load the vfio module); "
+                      "the iommufd modes use /dev/iommu instead",
+}
+
+
 def _open(path: str) -> int:
     try:
         return os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
-        raise error_for(exc.errno or 0, f"open {path}", path) from None
+        reason = _MISSING.get(path, "") if exc.errno == errno.ENOENT else ""
+        raise error_for(exc.errno or 0, f"open {path}", path, reason) from None

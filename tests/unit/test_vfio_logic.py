@@ -132,3 +132,16 @@ def test_walk_caps_refuses_loops_and_out_of_bounds():
         list(walk_caps(arg, base))
     with pytest.raises(errors.PyvfioError, match="malformed"):
         list(walk_caps(arg, len(blob) + 64))
+
+
+def test_missing_iommu_device_nodes_say_what_is_missing(monkeypatch):
+    from pyvfio_lu import iommu
+
+    def enoent(path, flags):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+
+    monkeypatch.setattr(iommu.os, "open", enoent)
+    with pytest.raises(errors.NotFound, match="no iommufd.*CONFIG_IOMMUFD"):
+        Iommu("iommufd")
+    with pytest.raises(errors.NotFound, match="no VFIO container.*CONFIG_VFIO_CONTAINER"):
+        Iommu("vfio_type1v2_iommu")
