@@ -264,3 +264,28 @@ class TestFailedCallsLoseNothing:
             with pytest.raises(errors.NoSuchToken):
                 s.retrieve(3)
             s.finish()
+
+
+class TestDaemonizedHolder:
+    """The kernel selftests' way: fork a detached child that inherits the session fds and
+    sleeps, then close them here; the sessions survive the kexec in the child."""
+
+    @pytest.mark.before_kexec
+    def test_before(self, luo):
+        from pyvfio_lu.holder import daemonize_and_hold
+
+        s = luo.create_session("daemon-held")
+        with Memfd.create("daemon", b"kept by a forked daemon") as m:
+            s.preserve(m, 7)
+        pid = daemonize_and_hold(s)
+        assert pid > 0 and os.path.exists(f"/proc/{pid}")
+        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        assert "anon_inode:[luo_session] daemon-held" in links
+        os.close(s.detach())  # only the daemon holds it now
+
+    @pytest.mark.after_kexec
+    def test_after(self, luo):
+        with luo.retrieve_session("daemon-held") as s:
+            with Memfd.adopt(s.retrieve(7)) as m:
+                assert m.read_all() == b"kept by a forked daemon"
+            s.finish()

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import errno
 import time
 
 import pytest
@@ -107,3 +108,14 @@ def test_d0_precondition_on_the_real_kernel(nic_bdf, runtime_pm_allowed):
         assert _wait_for_power_state(dev, "D0") == "D0"
         with pytest.raises(errors.VfioPreservationUnsupported):  # every precondition met: the kernel answers
             dev.preserve(s, 1)
+
+
+def test_hot_reset_on_a_device_without_slot_or_bus_reset(nic):
+    """Both hot-reset ioctls reach the kernel; on the root bus there is no slot or bus reset."""
+    with pytest.raises(errors.PyvfioError) as info_exc:
+        nic.hot_reset_info()
+    assert info_exc.value.errno == errno.ENODEV
+    with pytest.raises(errors.PyvfioError) as exc:
+        nic.hot_reset()
+    assert exc.value.errno in (errno.ENODEV, errno.EINVAL) and "VFIO_DEVICE_PCI_HOT_RESET" in str(exc.value)
+    assert nic.config_read(0x00, 2) == 0x8086  # the device is untouched
