@@ -21,6 +21,19 @@ def load_by_path(path: Path, name: str):
     return module
 
 
+@pytest.fixture
+def pair():
+    """A connected SOCK_SEQPACKET pair for the fd hand-off tests (10 s timeouts)."""
+    from pyvfio_lu import handoff
+
+    a, b = handoff.socketpair()
+    a.settimeout(10)
+    b.settimeout(10)
+    yield a, b
+    a.close()
+    b.close()
+
+
 @pytest.fixture(scope="session")
 def cdefs_build():
     """cdefs/build.py, loaded by path the way setup.py runs it (it is not a package module)."""

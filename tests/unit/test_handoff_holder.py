@@ -49,16 +49,6 @@ def sockdir():
 
 
 @pytest.fixture
-def pair():
-    a, b = handoff.socketpair()
-    a.settimeout(10)
-    b.settimeout(10)
-    yield a, b
-    a.close()
-    b.close()
-
-
-@pytest.fixture
 def memfds():
     """memfd factory; every memfd made is closed afterwards."""
     made: list[int] = []

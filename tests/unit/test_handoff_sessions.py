@@ -25,16 +25,6 @@ class FakeSession:
 
 
 @pytest.fixture
-def pair():
-    a, b = handoff.socketpair()
-    a.settimeout(10)
-    b.settimeout(10)
-    yield a, b
-    a.close()
-    b.close()
-
-
-@pytest.fixture
 def memfd():
     fd = os.memfd_create("pvl-session-stand-in", os.MFD_CLOEXEC)
     yield fd
