@@ -171,6 +171,8 @@ class NotPreservable(LiveUpdateError):
 
 
 class VfioPreservationUnsupported(NotPreservable):
+    """The running kernel has no VFIO device preservation (its configuration says so)."""
+
     default_reason = (
         "this kernel cannot preserve VFIO devices across a live update: it lacks "
         "CONFIG_VFIO_PCI_LIVEUPDATE (the VFIO live-update series is not merged upstream)"
@@ -227,7 +229,19 @@ class DeviceNotBound(VfioError):
 
 
 class DeviceFrozen(VfioError):
-    default_reason = "the device fd was frozen by a live update (kexec attempt); close it and open the device again"
+    """EIO from a device fd: the device was frozen for a kexec that did not happen."""
+
+    default_reason = (
+        "the device was frozen for a live update whose kexec did not happen: its fd answers EIO "
+        "to everything, and so does a new open, until the device is unbound from vfio-pci and "
+        "bound again (pyvfio-lu recover BDF, or PciDevice(bdf).rebind_vfio()); close every fd of it first"
+    )
+
+
+class DeviceNotPreservable(NotPreservable, VfioError):
+    """The kernel can preserve VFIO devices, but not this fd (the reason names why)."""
+
+    default_reason = "the kernel's VFIO live-update handler refused this device fd"
 
 
 class GroupNotViable(VfioError):

@@ -194,7 +194,8 @@ def session_manifest(session: Session, extra: dict | None = None) -> dict:
     """What travels with a session fd: its name, direction, the tokens preserved through this
     process (token -> what the file is), and ``extra``."""
     return {"session": session.name, "direction": session.direction,
-            "files": {f"{t:#x}": what for t, what in session.preserved.items()}, **(extra or {})}
+            "files": {f"{t:#x}": what for t, what in session.preserved.items()},
+            "records": session.records() if hasattr(session, "records") else {}, **(extra or {})}
 
 
 def _expected(uid: int | None) -> int | None:

@@ -39,7 +39,8 @@ def daemonize_and_hold(*files: FileLike) -> int:
     Returns the daemon's pid. The caller's own copies are untouched: detach and close
     them (``Session.detach()``) once this returns so only the daemon holds the sessions.
     """
-    keep = sorted({fileno_of(f) for f in files})
+    writer = _ledger_for(files)
+    keep = sorted({fileno_of(f) for f in files} | ({writer.fileno()} if writer else set()))
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # first child
@@ -62,7 +63,72 @@ def daemonize_and_hold(*files: FileLike) -> int:
     os.waitpid(pid, 0)
     with os.fdopen(r, "rb") as fh:
         data = fh.read()
-    return int(data) if data else -1
+    daemon = int(data) if data else -1
+    if writer is not None:
+        doc = _ledger_doc(writer, {s.name: {"files": s.records()} for s in files if hasattr(s, "records")},
+                          daemon, "daemonize_and_hold")
+        from . import ledger
+
+        ledger.mirror_outgoing(writer.name, doc)
+        writer.session.detach()  # the daemon holds the ledger session now
+    return daemon
+
+
+def _own_liveupdate_fd() -> int | None:
+    """An fd of this process open on /dev/liveupdate, if any (it is single-open: a library
+    call that needs it while the caller holds it borrows the caller's)."""
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for name in fds:
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/liveupdate":
+                return int(name)
+        except OSError:
+            continue
+    return None
+
+
+def open_ledger(borrowed_fd: int | None = None):
+    """A new :class:`~pyvfio_lu.ledger.LedgerWriter`, through ``borrowed_fd`` (an open
+    /dev/liveupdate), this process's own /dev/liveupdate fd, or a fresh open; None when
+    /dev/liveupdate cannot be had (the sessions are held all the same, just not described)."""
+    from .ledger import LedgerWriter
+    from .luo import LiveUpdate
+
+    fd = borrowed_fd if borrowed_fd is not None else _own_liveupdate_fd()
+    try:
+        if fd is not None:
+            return LedgerWriter.create(LiveUpdate.from_fd(fd, owned=False))
+        with LiveUpdate(adopt_ledgers=False) as lu:
+            return LedgerWriter.create(lu)
+    except (PyvfioError, OSError):
+        return None
+
+
+def _ledger_for(files) -> object | None:
+    """A ledger written with the records of the sessions among ``files`` (None if there are none)."""
+    sessions = [f for f in files if hasattr(f, "records") and getattr(f, "direction", "") == "outgoing"]
+    if not sessions:
+        return None
+    writer = open_ledger()
+    if writer is None:
+        return None
+    try:
+        writer.write(_ledger_doc(writer, {s.name: {"files": s.records()} for s in sessions},
+                                 os.getpid(), "daemonize_and_hold"))
+        writer.close_memfds()
+    except (PyvfioError, OSError, ValueError):
+        writer.close()
+        return None
+    return writer
+
+
+def _ledger_doc(writer, sessions: dict, pid: int, kind: str) -> dict:
+    from .ledger import session_document
+
+    return session_document(sessions, {"pid": pid, "kind": kind, "ledger": writer.name})
 
 
 def raise_nofile_limit(wanted: int = 1 << 16) -> int:
@@ -148,7 +214,13 @@ class Holder:
         sessions = list(sessions)
         names = [handoff.session_key(s.name) for s in sessions]
         info = {n: handoff.session_manifest(s, manifest) for n, s in zip(names, sessions)}
-        self._request({"op": "hold", "names": names, "manifest": info}, [s.fileno() for s in sessions])
+        fds = [s.fileno() for s in sessions]
+        lu_fd = _own_liveupdate_fd()  # lent to the holder in case it must open its ledger
+        header: dict[str, Any] = {"op": "hold", "names": list(names), "manifest": info}
+        if lu_fd is not None:
+            header["names"].append(LIVEUPDATE_KEY)
+            fds.append(lu_fd)
+        self._request(header, fds)
         for s in sessions:
             os.close(s.detach())
 
@@ -196,10 +268,46 @@ class Holder:
         self._request({"op": "stop"})
 
 
+LIVEUPDATE_KEY = "liveupdate"  # a /dev/liveupdate fd lent with a hold request (never kept)
+
+
+class _Ledger:
+    """The holder's ledger: every session it holds, described in LUO (see :mod:`pyvfio_lu.ledger`)."""
+
+    def __init__(self, socket_path: str):
+        self.socket_path = socket_path
+        self.writer = None
+
+    def ensure(self, borrowed_fd: int | None = None) -> None:
+        if self.writer is None:
+            self.writer = open_ledger(borrowed_fd)
+
+    def update(self, manifest: dict[str, dict]) -> bool:
+        """Rewrite the ledger from the holder's manifest; False when there is no ledger."""
+        if self.writer is None:
+            return False
+        from . import ledger
+
+        sessions = {entry.get("session", name): {"files": entry.get("records") or {},
+                                                 "manifest": {k: v for k, v in entry.items()
+                                                              if k not in ("records", "files")}}
+                    for name, entry in manifest.items() if name.startswith(handoff.SESSION_PREFIX)}
+        doc = ledger.session_document(sessions, {"pid": os.getpid(), "kind": "holder",
+                                                 "socket": self.socket_path, "ledger": self.writer.name})
+        try:
+            self.writer.write(doc)
+        except (PyvfioError, OSError, ValueError):
+            return False
+        ledger.mirror_outgoing(self.writer.name, doc)
+        return True
+
+
 def serve(path: str, expected_uid: int | None) -> None:
     """The holder daemon's loop (``python -m pyvfio_lu.holder``)."""
     held: dict[str, OwnedFd] = {}
     manifest: dict[str, dict] = {}
+    book = _Ledger(path)
+    book.ensure()
     server = handoff.listen(path)
     while True:
         conn, _ = server.accept()
@@ -216,11 +324,16 @@ def serve(path: str, expected_uid: int | None) -> None:
             reply: dict[str, Any] = {"ok": True}
             out_fds: list[int] = []
             if op == "hold":
+                lent = msg.fds.pop(LIVEUPDATE_KEY, None)
+                if lent is not None:
+                    book.ensure(lent.fileno())
+                    lent.close()
                 for name, f in msg.fds.items():
                     if name in held:
                         held[name].close()
                     held[name] = f
                     manifest[name] = msg.header.get("manifest", {}).get(name, {})
+                reply["ledger"] = book.update(manifest)
             elif op == "list":
                 reply["manifest"] = manifest
             elif op == "fetch":
@@ -235,10 +348,13 @@ def serve(path: str, expected_uid: int | None) -> None:
                     if n in held:
                         held.pop(n).close()
                         manifest.pop(n, None)
+                book.update(manifest)
             elif op == "stop":
                 handoff.send_message(conn, reply)
                 for f in held.values():
                     f.close()
+                if book.writer is not None:
+                    book.writer.close()
                 server.close()
                 os.unlink(path)
                 return

@@ -330,8 +330,11 @@ class Iommu:
         call(FdKind.IOMMUFD, self.fileno(), "IOMMU_IOAS_MAP_FILE", flags=flags, ioas_id=self.ioas_id,
              fd=fileno_of(file), start=offset, length=size, iova=iova,
              target=f"{self.target} iova {iova:#x} size {size:#x}")
-        m = Mapping(iova, size, None, None)
+        st = os.fstat(fileno_of(file))
+        inode = (st.st_dev, st.st_ino)
+        m = Mapping(iova, size, None, (_FILE, inode, offset))
         self.mappings[iova] = m
+        _FILE_MAPS.setdefault(inode, {})[(id(self), iova)] = (iova, size, offset)
         return m
 
     def unmap(self, mapping: Mapping | int, size: int | None = None) -> int:
@@ -376,13 +379,23 @@ class Iommu:
         m = self.mappings.get(iova)
         if m is not None and m.size == size:  # the usual case: one mapping, found by its IOVA
             del self.mappings[iova]
-            if m.keepalive and isinstance(m.keepalive[0], DmaBuffer):
-                m.keepalive[0].mapped_by.discard(id(self))
+            self._release(m)
             return
         for start in [s for s in self.mappings if iova <= s and s + self.mappings[s].size - 1 <= iova + size - 1]:
-            m = self.mappings.pop(start)
-            if m.keepalive and isinstance(m.keepalive[0], DmaBuffer):
-                m.keepalive[0].mapped_by.discard(id(self))
+            self._release(self.mappings.pop(start))
+
+    def _release(self, m: Mapping) -> None:
+        keep = m.keepalive
+        if not keep:
+            return
+        if isinstance(keep[0], DmaBuffer):
+            keep[0].mapped_by.discard(id(self))
+        elif keep[0] is _FILE:
+            maps = _FILE_MAPS.get(keep[1])
+            if maps is not None:
+                maps.pop((id(self), m.iova), None)
+                if not maps:
+                    del _FILE_MAPS[keep[1]]
 
     # --- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
@@ -416,6 +429,17 @@ _MISSING = {
     "/dev/vfio/vfio": "this kernel has no VFIO container (CONFIG_VFIO_CONTAINER=y, or load the vfio module); "
                       "the iommufd modes use /dev/iommu instead",
 }
+
+
+_FILE = "file"  # Mapping.keepalive[0] of a file mapping: (_FILE, (st_dev, st_ino), offset)
+# (st_dev, st_ino) of a mapped file -> {(id(Iommu), iova): (iova, size, offset)}, for the ledger
+_FILE_MAPS: dict[tuple[int, int], dict[tuple[int, int], tuple[int, int, int]]] = {}
+
+
+def file_mappings(inode: tuple[int, int]) -> list[list[int]]:
+    """[iova, size, file offset] of every live IOMMU_IOAS_MAP_FILE mapping of the file with
+    this (st_dev, st_ino), through any Iommu of this process, sorted by IOVA."""
+    return sorted([list(v) for v in _FILE_MAPS.get(tuple(inode), {}).values()])  # type: ignore[arg-type]
 
 
 def _open(path: str) -> int:

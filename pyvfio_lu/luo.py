@@ -32,13 +32,13 @@ if TYPE_CHECKING:
 from . import procfs
 from ._cffi import ffi, lib
 from .errors import (
+    AlreadyPreserved,
     BadFileDescriptor,
     InvalidSessionName,
     InvalidToken,
     LiveUpdateBusy,
     NotPreservable,
     SessionClosed,
-    VfioPreservationUnsupported,
     WrongSessionDirection,
     error_for,
 )
@@ -85,13 +85,30 @@ class LiveUpdate:
     Closing it does not affect sessions: they are files of their own.
     """
 
-    def __init__(self, path: str = DEVICE_PATH):
+    def __init__(self, path: str = DEVICE_PATH, *, adopt_ledgers: bool = True):
         self.path = path
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             raise self._open_error(exc) from None
         self._fd = OwnedFd(fd, path)
+        if adopt_ledgers and path == DEVICE_PATH:
+            self.adopt_ledgers()
+
+    def adopt_ledgers(self) -> None:
+        """After a live update, read the ledgers the previous kernel's holders left (once per
+        boot; see :mod:`pyvfio_lu.ledger`), so :func:`pyvfio_lu.ledger.incoming` can say which
+        sessions came in and what they hold. Never raises: the ledger is a description only."""
+        from . import ledger
+
+        if ledger.adopted():
+            return
+        try:
+            ledger.adopt(self)
+        except Exception as exc:  # noqa: BLE001 - a missing description must not stop a live update
+            import logging
+
+            logging.getLogger(__name__).warning("could not read the live-update ledger: %s", exc)
 
     def _open_error(self, exc: OSError):
         err = exc.errno or 0
@@ -163,6 +180,7 @@ class Session:
         self.name = name
         self.direction = direction
         self._preserved: dict[int, str] = {}  # token -> what the file is (outgoing only)
+        self._records: dict[int, dict] = {}  # token -> ledger record (kind, bdf, memfd name/size)
         self._retrieved: set[int] = set()
 
     # --- construction from an fd ----------------------------------------------------------
@@ -228,16 +246,37 @@ class Session:
 
         try:
             call(FdKind.LUO_SESSION, sfd, "LIVEUPDATE_SESSION_PRESERVE_FD", fd=fd, token=token, target=target)
-        except NotPreservable as exc:
+        except (NotPreservable, AlreadyPreserved) as exc:
             kind, link = fd_kind(fd)
             if kind is FdKind.VFIO_DEVICE:
-                raise VfioPreservationUnsupported(exc.errno, exc.operation, target()) from None
+                from .preservation import preserve_error
+
+                raise preserve_error(exc, fd, link, target(), getattr(file, "bdf", None)) from None
+            if isinstance(exc, AlreadyPreserved):
+                raise
             raise NotPreservable(exc.errno, exc.operation, target(),
                                  f"the kernel has no live-update handler for this kind of file ({link})") from None
         # what the file is, for the PreservationLost message: the object's own description
         # when it has one (Memfd, OwnedFd), else one readlink of /proc/self/fd
         what = getattr(file, "what", None)
         self._preserved[token] = what if isinstance(what, str) else _describe(fd)
+        record = getattr(file, "ledger_record", None)
+        self._records[token] = record() if callable(record) else {"kind": "file", "what": self._preserved[token]}
+
+    def records(self) -> dict[str, dict]:
+        """What each token preserved through this object is, for the ledger: token (hex) ->
+        {"kind": "memfd" | "vfio-device" | "file", ...}; a memfd's record lists the IOVAs
+        it is mapped at through this process's :class:`~pyvfio_lu.iommu.Iommu` objects."""
+        from .iommu import file_mappings
+
+        out = {}
+        for token, rec in self._records.items():
+            rec = dict(rec)
+            inode = rec.pop("inode", None)
+            if inode is not None:
+                rec["iovas"] = file_mappings(tuple(inode))
+            out[f"{token:#x}"] = rec
+        return out
 
     def retrieve(self, token: int) -> OwnedFd:
         """The file preserved under ``token``, as a new fd owned by the returned object.
@@ -261,6 +300,9 @@ class Session:
         """
         sfd = self._need(INCOMING, "LIVEUPDATE_SESSION_FINISH")
         call(FdKind.LUO_SESSION, sfd, "LIVEUPDATE_SESSION_FINISH", target=self.target)
+        from .ledger import mark_finished
+
+        mark_finished(self.name)
 
     def get_name(self) -> str:
         """The session's name as the kernel reports it (LIVEUPDATE_SESSION_GET_NAME)."""
@@ -273,6 +315,7 @@ class Session:
     def detach(self) -> int:
         """Give up ownership of the session fd (e.g. after handing it to a holder)."""
         self._preserved.clear()
+        self._records.clear()
         return self._fd.detach()
 
     def close(self) -> None:

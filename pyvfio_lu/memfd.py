@@ -63,6 +63,17 @@ class Memfd(OwnedFd):
             raise
         return self
 
+    def ledger_record(self) -> dict:
+        """What the live-update ledger says of this memfd: its name, size and inode (the
+        IOVAs it is mapped at are looked up by inode when the ledger is written)."""
+        st = os.fstat(self.fileno())
+        try:
+            link = os.readlink(f"/proc/self/fd/{self.fileno()}")
+        except OSError:
+            link = ""
+        name = link[len("/memfd:"):].removesuffix(" (deleted)") if link.startswith("/memfd:") else self.what
+        return {"kind": "memfd", "name": name, "size": st.st_size, "inode": [st.st_dev, st.st_ino]}
+
     @classmethod
     def adopt(cls, owned: OwnedFd) -> "Memfd":
         """Take over the fd of an OwnedFd (e.g. from ``Session.retrieve``)."""

@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 from ._cffi import ffi, lib
 from .caps import walk_caps
 from .errors import (
+    DeviceFrozen,
     DeviceNotBound,
+    DevicePreserved,
     InvalidArgument,
     NotLiveUpdateReady,
     NotSupported,
@@ -44,10 +46,8 @@ from .errors import (
 from .fd import OwnedFd
 from .iommu import Iommu
 from .ioctl import FdKind, call, fd_kind
+from .preservation import bdf_of_cdev, bdf_of_fd
 from .sysfs import PciDevice, parse_bdf
-
-STATE_DIR_ENV = "PYVFIO_LU_STATE_DIR"
-DEFAULT_STATE_DIR = "/var/lib/pyvfio-lu"
 
 # PCI configuration space
 PCI_COMMAND = 0x04
@@ -351,7 +351,7 @@ class VfioDevice:
                 if not iommu.is_iommufd:
                     raise InvalidArgument(errno.EINVAL, "VfioDevice.open", device,
                                           f"a cdev path needs the iommufd mode, not {iommu.mode}")
-                return cls._open_cdev(device, None, iommu, owns)
+                return cls._open_cdev(device, bdf_of_cdev(device), iommu, owns)
             bdf = parse_bdf(device)
             pci = PciDevice(bdf, sysfs)
             if iommu.is_iommufd:
@@ -377,6 +377,10 @@ class VfioDevice:
         try:
             dev.bind(iommu)
             dev.attach(iommu.ioas_id)
+        except PyvfioError as exc:
+            dev._owns_iommu = False
+            dev.close()
+            raise _open_error(exc, "VFIO_DEVICE_BIND_IOMMUFD", bdf or path) from None
         except BaseException:
             dev._owns_iommu = False
             dev.close()
@@ -422,8 +426,8 @@ class VfioDevice:
         if kind is not FdKind.VFIO_DEVICE:
             raise InvalidArgument(errno.EBADF, "VfioDevice.from_fd", f"fd {fd}", f"not a VFIO device fd ({link})")
         cdev = not link.startswith("anon_inode:[vfio-device]")
-        dev = cls(fd, iommu=iommu, bdf=parse_bdf(bdf) if bdf else None, cdev=cdev, bound=bound or not cdev,
-                  owned=owned, path=link)
+        bdf = parse_bdf(bdf) if bdf else bdf_of_fd(fd, link)
+        dev = cls(fd, iommu=iommu, bdf=bdf, cdev=cdev, bound=bound or not cdev, owned=owned, path=link)
         if iommu is not None and cdev and not bound:
             dev.bind(iommu)
             if attach:
@@ -441,7 +445,12 @@ class VfioDevice:
     def _call(self, name: str, arg: Any = None, **kw) -> Any:
         if self.cdev and not self.bound:
             raise DeviceNotBound(errno.EINVAL, name, self.name)
-        return call(FdKind.VFIO_DEVICE, self.fileno(), name, arg, target=self._name, **kw)
+        try:
+            return call(FdKind.VFIO_DEVICE, self.fileno(), name, arg, target=self._name, **kw)
+        except PyvfioError as exc:
+            if exc.errno == errno.EIO:
+                raise DeviceFrozen(errno.EIO, name, self.name) from None
+            raise
 
     def _name(self) -> str:  # the error-message target, computed only on failure
         return self.name
@@ -450,7 +459,13 @@ class VfioDevice:
     def bind(self, iommu: Iommu | int) -> int:
         """VFIO_DEVICE_BIND_IOMMUFD; returns the device id in that iommufd."""
         iommufd = iommu.fileno() if isinstance(iommu, Iommu) else iommu
-        arg = call(FdKind.VFIO_DEVICE, self.fileno(), "VFIO_DEVICE_BIND_IOMMUFD", iommufd=iommufd, target=self.name)
+        try:
+            arg = call(FdKind.VFIO_DEVICE, self.fileno(), "VFIO_DEVICE_BIND_IOMMUFD", iommufd=iommufd,
+                       target=self.name)
+        except PyvfioError as exc:
+            if exc.errno == errno.EIO:
+                raise DeviceFrozen(errno.EIO, "VFIO_DEVICE_BIND_IOMMUFD", self.name) from None
+            raise
         self.bound = True
         self.devid = arg.out_devid
         if isinstance(iommu, Iommu) and self.iommu is None:
@@ -685,34 +700,43 @@ class VfioDevice:
             ptr = self.config_read(ptr + 1, 1) & ~3
         return "D0"
 
+    def live_update_problems(self) -> list[str]:
+        """Every reason this fd cannot be preserved now (or the kexec would be refused after
+        preserving it), in words, from what the kernel shows: its configuration, the fd's
+        origin, its binding, ``/proc/interrupts`` and the power state; plus IRQs enabled
+        through this object. [] when the fd is ready. Changes nothing."""
+        from .preservation import why_not
+
+        problems = why_not(self.fileno(), self.bdf, self.path if self.path and self.path.startswith(
+            ("/dev/vfio/devices/", "anon_inode:")) else None)
+        if self._irqs_enabled and not any(p.startswith("IRQs are enabled") for p in problems):
+            problems.append("IRQs are enabled through this object (index: vectors " + ", ".join(
+                f"{i}: {n}" for i, n in sorted(self._irqs_enabled.items())) + "); disable them: the kexec would be refused")
+        return problems
+
     def check_live_update_ready(self) -> None:
         """NotLiveUpdateReady (naming each unmet condition) unless this fd can be preserved:
-        a cdev fd, bound to an iommufd, with no IRQ enabled, in D0."""
-        problems = []
-        if not self.cdev:
-            problems.append("only a cdev fd (/dev/vfio/devices/vfioN) can be preserved, this fd came "
-                            "from a VFIO group (legacy container path)")
-        elif not self.bound:
-            problems.append("the fd is not bound to an iommufd (VFIO_DEVICE_BIND_IOMMUFD first)")
-        if self._irqs_enabled:
-            problems.append("IRQs are enabled (index: vectors " + ", ".join(
-                f"{i}: {n}" for i, n in sorted(self._irqs_enabled.items())) + "); disable them: the kexec would be refused")
-        if self.bound or not self.cdev:
-            state = self.power_state()
-            if state != "D0":
-                problems.append(f"the device is in {state}, not D0; the kexec would be refused")
+        a kernel that preserves devices, a cdev fd, bound to an iommufd, no IRQ enabled (by
+        anyone: ``/proc/interrupts``), in D0. VfioPreservationUnsupported when the kernel cannot."""
+        problems = self.live_update_problems()
+        if problems and problems[0].startswith("this kernel cannot preserve"):
+            raise VfioPreservationUnsupported(errno.ENOENT, "preserve VFIO device", self.name, problems[0])
         if problems:
             raise NotLiveUpdateReady(errno.EINVAL, "preserve VFIO device", self.name, "; ".join(problems))
 
     def preserve(self, session, token: int) -> None:
-        """Check :meth:`check_live_update_ready`, then preserve this device fd in ``session``.
-
-        On a kernel without VFIO live update (upstream 7.x) the kernel answers ENOENT:
-        VfioPreservationUnsupported names the missing CONFIG_VFIO_PCI_LIVEUPDATE.
-        """
+        """Check :meth:`check_live_update_ready`, then preserve this device fd in ``session``
+        under ``token``. Nothing changes when a check fails. From then on the device belongs to
+        the session: keep the session open (hand it to a holder) until the kexec; closing the
+        session gives the device back."""
         self.check_live_update_ready()
         session.preserve(self, token)
-        _record_preserved(self.bdf, session.name, token)
+
+    def ledger_record(self) -> dict:
+        """What the live-update ledger says of this device: its BDF and cdev path."""
+        from .preservation import record_for
+
+        return record_for(self.fileno(), self.bdf, self.path)
 
     # --- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
@@ -776,53 +800,33 @@ def _feature(flags: int, payload: bytes = b"") -> Any:
 
 
 def _open_error(exc: OSError, operation: str, name: str) -> PyvfioError:
+    """The error for a failed open of device ``name`` (a BDF or cdev path): a device that a
+    live-update session holds is DevicePreserved naming the session and token (from the
+    ledgers), one frozen by an aborted kexec is DeviceFrozen."""
+    from .preservation import bdf_of_cdev, holder_of, incoming_device
+
     err = exc.errno or 0
-    if err == errno.EBUSY:
-        where = preserved_record(name)
-        hint = (f"retrieve it from session {where['session']!r} (token {where['token']:#x})" if where
-                else "retrieve it from its LUO session")
-        return error_for(err, "open VFIO device" if operation.startswith("open") else operation, name,
-                         f"the device is preserved by a live update: {hint}, then finish the session")
+    bdf = name if not name.startswith("/dev/") else (bdf_of_cdev(name) or name)
+    if err == errno.EIO:
+        return DeviceFrozen(err, operation, name)
+    if err in (errno.EBUSY, errno.EINVAL):
+        incoming = incoming_device(bdf)
+        held = incoming or holder_of(bdf)
+        if err == errno.EBUSY or held:
+            if incoming:
+                hint = (f"it came through the live update in session {incoming[0]!r} as token "
+                        f"{incoming[1]:#x}: retrieve it from there (Session.retrieve, then "
+                        "VfioDevice.from_fd with a new Iommu), then finish the session")
+            elif held:
+                hint = (f"it is preserved for the next live update in session {held[0]!r} (token "
+                        f"{held[1]:#x}); close that session to give the device back")
+            else:
+                hint = ("the device is preserved by a live update (or open elsewhere): retrieve it "
+                        "from its LUO session, then finish the session")
+            return DevicePreserved(err, "open VFIO device", name, hint)
     if isinstance(exc, PyvfioError):
         return exc
     return error_for(err, operation, name)
-
-
-def _state_file() -> str:
-    return os.path.join(os.environ.get(STATE_DIR_ENV, DEFAULT_STATE_DIR), "preserved-devices.json")
-
-
-def _record_preserved(bdf: str | None, session: str, token: int) -> None:
-    """Remember which session holds a preserved device, to name it after the kexec."""
-    if not bdf:
-        return
-    import json
-
-    path = _state_file()
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            with open(path) as fh:
-                doc = json.load(fh)
-        except (OSError, ValueError):
-            doc = {}
-        doc[bdf] = {"session": session, "token": token, "time": time.time()}
-        tmp = path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(doc, fh)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a hint only
-
-
-def preserved_record(bdf: str) -> dict | None:
-    import json
-
-    try:
-        with open(_state_file()) as fh:
-            return json.load(fh).get(bdf)
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 __all__ = ["VfioDevice", "Iommu", "Bar", "EventFd", "DeviceInfo", "RegionInfo", "IrqInfo",
