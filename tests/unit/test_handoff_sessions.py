@@ -55,7 +55,7 @@ def test_session_and_manifest_arrive(pair, memfd, trusting_from_fd):
     try:
         assert session.name == "vm-1" and session.direction == luo.OUTGOING
         assert manifest == {"session": "vm-1", "direction": "outgoing", "files": {"0x1": "memfd:guest-ram"},
-                            "vm": "vm-1", "owner": "t"}
+                            "records": {}, "vm": "vm-1", "owner": "t"}
         assert session.preserved == {1: "memfd:guest-ram"}  # dropping it unclosed would warn
         assert os.fstat(session.fileno()).st_ino == os.fstat(memfd).st_ino
         assert os.get_inheritable(session.fileno()) is False
