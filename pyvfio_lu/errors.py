@@ -170,15 +170,6 @@ class NotPreservable(LiveUpdateError):
     default_reason = "the kernel has no live-update handler for this kind of file"
 
 
-class VfioPreservationUnsupported(NotPreservable):
-    """The running kernel has no VFIO device preservation (its configuration says so)."""
-
-    default_reason = (
-        "this kernel cannot preserve VFIO devices across a live update: it lacks "
-        "CONFIG_VFIO_PCI_LIVEUPDATE (the VFIO live-update series is not merged upstream)"
-    )
-
-
 class MemfdFrozen(LiveUpdateError, PermissionError):
     default_reason = "the memfd is preserved for a live update: its size is frozen until the session is closed or finished"
 
@@ -250,6 +241,16 @@ class GroupNotViable(VfioError):
 
 class NotLiveUpdateReady(VfioError):
     """A precondition for preserving a VFIO device is not met (checked before anything changes)."""
+
+
+class VfioPreservationUnsupported(NotPreservable, NotLiveUpdateReady):
+    """The running kernel has no VFIO device preservation (its configuration says so); the
+    message also names any other unmet precondition of the fd."""
+
+    default_reason = (
+        "this kernel cannot preserve VFIO devices across a live update: it lacks "
+        "CONFIG_VFIO_PCI_LIVEUPDATE (the VFIO live-update series is not merged upstream)"
+    )
 
 
 class UnsafeOperation(VfioError, ValueError):

@@ -261,7 +261,11 @@ class Session:
         what = getattr(file, "what", None)
         self._preserved[token] = what if isinstance(what, str) else _describe(fd)
         record = getattr(file, "ledger_record", None)
-        self._records[token] = record() if callable(record) else {"kind": "file", "what": self._preserved[token]}
+        rec = self._records[token] = record() if callable(record) else {"kind": "file", "what": self._preserved[token]}
+        if rec.get("kind") == "vfio-device":
+            from .preservation import note_local
+
+            note_local(rec.get("bdf"), self.name, token)
 
     def records(self) -> dict[str, dict]:
         """What each token preserved through this object is, for the ledger: token (hex) ->
@@ -314,9 +318,16 @@ class Session:
     # --- lifetime ---------------------------------------------------------------------------
     def detach(self) -> int:
         """Give up ownership of the session fd (e.g. after handing it to a holder)."""
+        self._forget_devices()
+        return self._fd.detach()
+
+    def _forget_devices(self) -> None:
+        if any(r.get("kind") == "vfio-device" for r in self._records.values()):
+            from .preservation import forget_local
+
+            forget_local(self.name)
         self._preserved.clear()
         self._records.clear()
-        return self._fd.detach()
 
     def close(self) -> None:
         """Close this session fd.
@@ -324,7 +335,7 @@ class Session:
         If it is the last fd for the session: an outgoing session un-preserves all its
         files; an incoming one is finished (discarding files not retrieved).
         """
-        self._preserved.clear()
+        self._forget_devices()
         self._fd.close()
 
     def __enter__(self) -> "Session":

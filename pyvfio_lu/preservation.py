@@ -246,12 +246,27 @@ def preserve_error(exc: PyvfioError, fd: int, link: str, target: str, bdf: str |
                                 "(a VF, an IGD, or a variant driver instead of vfio-pci)")
 
 
+# BDF -> (session, token) of devices preserved through open Session objects of this process
+_LOCAL: dict[str, tuple[str, int]] = {}
+
+
+def note_local(bdf: str | None, session: str, token: int) -> None:
+    if bdf:
+        _LOCAL[bdf] = (session, token)
+
+
+def forget_local(session: str) -> None:
+    for bdf in [b for b, (s, _t) in _LOCAL.items() if s == session]:
+        del _LOCAL[bdf]
+
+
 def holder_of(bdf: str) -> tuple[str, int] | None:
-    """(session, token) preserving device ``bdf`` in this boot (outgoing, per the ledgers of
-    live holders) or, after a live update, the incoming session it came in; None if unknown."""
+    """(session, token) preserving device ``bdf`` in this boot (a session of this process, or
+    one a live holder's ledger lists) or, after a live update, the incoming session it came
+    in; None if unknown."""
     from . import ledger
 
-    return ledger.find_device(bdf, ledger.outgoing()) or ledger.find_device(bdf)
+    return _LOCAL.get(bdf) or ledger.find_device(bdf, ledger.outgoing()) or ledger.find_device(bdf)
 
 
 def incoming_device(bdf: str) -> tuple[str, int] | None:
@@ -262,3 +277,49 @@ def incoming_device(bdf: str) -> tuple[str, int] | None:
 
 def record_for(fd: int, bdf: str | None, path: str | None) -> dict[str, Any]:
     return {"kind": "vfio-device", "bdf": bdf or bdf_of_fd(fd), "path": path}
+
+
+# --- after an aborted kexec: a frozen device ----------------------------------------------
+def device_fd_holders(bdf: str, proc: str = "/proc", sysfs: str = "/sys") -> list[tuple[int, int, str]]:
+    """(pid, fd, link) of every open VFIO fd of device ``bdf`` visible here: its cdev, or an
+    anonymous device fd whose fdinfo names the device."""
+    from .procfs import holders
+    from .sysfs import PciDevice
+
+    cdev = PciDevice(bdf, sysfs).vfio_cdev
+    out = []
+    for h in holders(lambda link: link == cdev or link.startswith("anon_inode:[vfio-device"), proc):
+        if h.link != cdev:
+            try:
+                with open(f"{proc}/{h.pid}/fdinfo/{h.fd}") as fh:
+                    if not any(line.startswith("vfio-device-syspath:") and line.rstrip().endswith("/" + bdf)
+                               for line in fh):
+                        continue
+            except OSError:
+                continue
+        out.append((h.pid, h.fd, h.link))
+    return out
+
+
+def recover_frozen(bdf: str, sysfs: str = "/sys") -> None:
+    """Give a device frozen by an aborted kexec back to service: unbind it from vfio-pci and
+    bind it again (the only recovery on the current series). Refused, changing nothing, while
+    any fd of the device is open (an unbind would block until they close) or while a live
+    update session holds it."""
+    from .errors import Busy, DevicePreserved
+    from .sysfs import VFIO_DRIVER, PciDevice, parse_bdf
+
+    bdf = parse_bdf(bdf)
+    held = holder_of(bdf)
+    if held:
+        raise DevicePreserved(errno.EBUSY, "recover frozen device", bdf,
+                              f"session {held[0]!r} (token {held[1]:#x}) still preserves it: close that "
+                              "session first (its holder: Holder.release, or stop the holder)")
+    fds = device_fd_holders(bdf, sysfs=sysfs)
+    if fds:
+        raise Busy(errno.EBUSY, "recover frozen device", bdf,
+                   "fds of the device are still open (" + ", ".join(f"pid {p} fd {f}" for p, f, _ in fds)
+                   + "); close them first: unbinding waits for every fd")
+    pci = PciDevice(bdf, sysfs)
+    pci.unbind()
+    pci.bind(VFIO_DRIVER)

@@ -720,7 +720,7 @@ class VfioDevice:
         anyone: ``/proc/interrupts``), in D0. VfioPreservationUnsupported when the kernel cannot."""
         problems = self.live_update_problems()
         if problems and problems[0].startswith("this kernel cannot preserve"):
-            raise VfioPreservationUnsupported(errno.ENOENT, "preserve VFIO device", self.name, problems[0])
+            raise VfioPreservationUnsupported(errno.ENOENT, "preserve VFIO device", self.name, "; ".join(problems))
         if problems:
             raise NotLiveUpdateReady(errno.EINVAL, "preserve VFIO device", self.name, "; ".join(problems))
 

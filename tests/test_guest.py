@@ -35,9 +35,36 @@ def _guest_nodeids() -> list[str]:
 
 
 GUEST_TESTS = [] if os.environ.get("PYVFIO_LU_SKIP_GUEST") else _guest_nodeids()
-# Every guest test runs once per vIOMMU: QEMU's intel-iommu (interrupt remapping) and
-# virtio-iommu (no interrupt remapping: the runner adds the allow_unsafe_interrupts options).
+# Every guest test runs once per vIOMMU on the upstream kernel: QEMU's intel-iommu (interrupt
+# remapping) and virtio-iommu (no interrupt remapping: the runner adds the
+# allow_unsafe_interrupts options).
 IOMMUS = [m for m in os.environ.get("PYVFIO_LU_GUEST_IOMMUS", "intel,virtio").split(",") if m]
+
+
+def _runs() -> list[tuple[str, str]]:
+    """(kernel flavour, vIOMMU) of each guest run.
+
+    ``PYVFIO_LU_GUEST_RUNS="upstream:intel,vfio-lu:intel"`` names them; by default the upstream
+    kernel under every vIOMMU of ``PYVFIO_LU_GUEST_IOMMUS`` and, when a device-preservation
+    (vfio-lu) kernel is in the cache or its patches are named in $PYVFIO_LU_KERNEL_PATCHES,
+    that kernel under intel-iommu too (``PYVFIO_LU_GUEST_VFIO_LU_IOMMUS`` to change).
+    """
+    spec = os.environ.get("PYVFIO_LU_GUEST_RUNS")
+    if spec:
+        return [tuple(item.split(":", 1)) for item in spec.split(",") if ":" in item]  # type: ignore[misc]
+    runs = [("upstream", m) for m in IOMMUS]
+    if os.environ.get("PYVFIO_LU_KERNEL_PATCHES") or os.environ.get("PYVFIO_LU_KERNEL_TREE"):
+        have_lu = True
+    else:
+        from pyvfio_lu.vm.kernel import VFIO_LU, find_cached
+
+        have_lu = find_cached(VFIO_LU) is not None
+    if have_lu:
+        runs += [("vfio-lu", m) for m in os.environ.get("PYVFIO_LU_GUEST_VFIO_LU_IOMMUS", "intel").split(",") if m]
+    return runs
+
+
+RUNS = [] if os.environ.get("PYVFIO_LU_SKIP_GUEST") else _runs()
 
 
 def _pytest_command(stage: int, results: str) -> str:
@@ -52,26 +79,30 @@ _RUNS: dict[str, dict] = {}
 def guest_results():
     """{iommu: results of one boot-kexec-boot run of all guest tests}, each run made on first use."""
 
-    def get(iommu: str) -> dict:
-        if iommu not in _RUNS:
-            _RUNS[iommu] = _run_guest(iommu)
-        return _RUNS[iommu]
+    def get(flavour: str, iommu: str) -> dict:
+        if (flavour, iommu) not in _RUNS:
+            _RUNS[(flavour, iommu)] = _run_guest(flavour, iommu)
+        return _RUNS[(flavour, iommu)]
 
     return get
 
 
-def _run_guest(iommu: str) -> dict:
+def _run_guest(flavour: str, iommu: str) -> dict:
+    from pyvfio_lu.vm.kernel import build
     from pyvfio_lu.vm.qemu import GuestError
     from pyvfio_lu.vm.run import run_in_guest
 
-    results_dir = ROOT / "results" / "guest" / f"{time.strftime('%Y%m%d-%H%M%S')}-{iommu}"
+    results_dir = ROOT / "results" / "guest" / f"{time.strftime('%Y%m%d-%H%M%S')}-{flavour}-{iommu}"
     timeout = float(os.environ.get("PYVFIO_LU_GUEST_TIMEOUT", "1800"))
     error = None
     try:
+        kernel = build(flavour=flavour).bzimage
         run = run_in_guest(_pytest_command(1, "/shared"), _pytest_command(2, "/shared"),
-                           iommu=iommu, results_dir=results_dir, timeout=timeout, cwd=ROOT)
+                           iommu=iommu, results_dir=results_dir, timeout=timeout, cwd=ROOT, kernel=kernel)
         console, summary = run.console_log, run.summary()
-    except GuestError as exc:
+    except Exception as exc:  # GuestError, or the kernel could not be built
+        if not isinstance(exc, GuestError) and not type(exc).__name__.endswith(("BuildError", "FetchError")):
+            raise
         error, console, summary = exc, results_dir / "console.log", str(exc)
     print("\n" + summary, file=sys.stderr)
     tests: dict[str, dict] = {}
@@ -87,9 +118,9 @@ def _run_guest(iommu: str) -> dict:
 
 
 @pytest.mark.parametrize("nodeid", GUEST_TESTS)
-@pytest.mark.parametrize("iommu", IOMMUS)
-def test_in_guest(iommu: str, nodeid: str, guest_results) -> None:
-    guest_results = guest_results(iommu)
+@pytest.mark.parametrize("flavour,iommu", RUNS, ids=[f"{f}-{i}" for f, i in RUNS])
+def test_in_guest(flavour: str, iommu: str, nodeid: str, guest_results) -> None:
+    guest_results = guest_results(flavour, iommu)
     res = guest_results["tests"].get(nodeid)
     if res is None:
         why = f"guest run failed: {guest_results['error']}" if guest_results["error"] else "it did not run in the guest"

@@ -34,6 +34,13 @@ ACCELS = ("tcg", "kvm")
 EDU_BDF = "0000:00:04.0"  # the edu device's fixed address (see qemu_argv)
 BASE_APPEND = "console=ttyS0 panic=-1 kho=on liveupdate=on initcall_blacklist=e1000_init_module"
 E1000E_BDF = "0000:00:08.0"  # the e1000e test device (see qemu_argv)
+#: More edu devices, one per device-preservation test that carries a device across the kexec
+#: (a preserved device stays the session's until the kexec, so no two such tests share one).
+EDU_SLOTS = {
+    "flow": 0x09, "pair-a": 0x0A, "pair-b": 0x0B, "memfds": 0x0C, "busy": 0x0D,
+    "operator": 0x0E, "vmm": 0x0F, "ram": 0x10, "frozen": 0x11, "irq": 0x12, "twice": 0x13,
+}
+EDU_BDFS = {role: f"0000:00:{slot:02x}.0" for role, slot in EDU_SLOTS.items()}
 #: virtio-iommu has no interrupt remapping: without these VFIO refuses the device (EPERM).
 VIRTIO_IOMMU_APPEND = "vfio_iommu_type1.allow_unsafe_interrupts=1 iommufd.allow_unsafe_interrupts=1"
 TAIL_LINES = 40
@@ -123,6 +130,8 @@ def qemu_argv(spec: QemuSpec) -> list[str]:
     else:
         argv += ["-device", "virtio-iommu-pci,addr=0x3"]
     argv += ["-device", "edu,addr=0x4"]
+    for slot in EDU_SLOTS.values():
+        argv += ["-device", f"edu,addr={slot:#x}"]
     # A second VFIO test device with what edu lacks: a PCI PM capability (D0/D3hot), MSI-X
     # (BAR 3, msix-mappable) and a PM reset. Its guest driver is kept from binding at boot
     # (initcall_blacklist in BASE_APPEND), so interface names do not change.

@@ -125,6 +125,8 @@ def run_script(stages: dict[int, str], kernel: Path, initrd: Path, cwd: Path) ->
         "# Written by pyvfio_lu.vm.run for one guest run. The initramfs's /init runs it, chrooted",
         "# into the guest root, as: /bin/sh /shared/run.sh <stage>",
         'stage="${1:-1}"',
+        "# the kernel and initramfs this guest runs (tests load them to try a live update)",
+        f"export PYVFIO_LU_GUEST_KERNEL={shlex.quote(str(kernel))} PYVFIO_LU_GUEST_INITRD={shlex.quote(str(initrd))}",
         f"cd {shlex.quote(str(cwd))} 2>/dev/null || cd /",
         'case "$stage" in',
     ]
