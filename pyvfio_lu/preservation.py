@@ -196,29 +196,31 @@ def power_state(bdf: str, sysfs: str = "/sys") -> str | None:
         return None
 
 
-def why_not(fd: int, bdf: str | None = None, link: str | None = None) -> list[str]:
+def why_not(fd: int, bdf: str | None = None, link: str | None = None, bound: bool | None = None) -> list[str]:
     """Every reason the kernel would refuse to preserve device fd ``fd`` (or refuse the kexec
-    after preserving it), in words; [] when none is known. Changes nothing."""
+    after preserving it), in words; [] when none is known. Changes nothing: the binding is
+    asked of the kernel (a device ioctl, which resumes a runtime-suspended device) only when
+    ``bound`` is not known, and after the power state was read."""
     if link is None:
         link = os.readlink(f"/proc/self/fd/{fd}")
     support = device_preservation()
     reasons = []
     if support.supported is False:
         reasons.append(f"this kernel cannot preserve VFIO devices ({support.detail}); {HOW_TO_GET}")
+    bdf = bdf or bdf_of_fd(fd, link)
+    state = power_state(bdf) if bdf else None
     origin = fd_origin(link)
     if origin == "group":
         reasons.append("the fd came from the legacy VFIO group path (VFIO_GROUP_GET_DEVICE_FD); only a cdev "
                        "fd (/dev/vfio/devices/vfioN, iommufd mode) can be preserved")
-    elif origin in ("cdev", "retrieved") and not fd_bound(fd):
+    elif origin in ("cdev", "retrieved") and not (fd_bound(fd) if bound is None else bound):
         reasons.append("the cdev fd is not bound to an iommufd (VFIO_DEVICE_BIND_IOMMUFD first)")
-    bdf = bdf or bdf_of_fd(fd, link)
     if bdf:
         irqs = irqs_enabled(bdf)
         if irqs:
             reasons.append("IRQs are enabled (" + ", ".join(f"{k}: {n}" for k, n in sorted(irqs.items()))
                            + " in /proc/interrupts); disable them (VFIO_DEVICE_SET_IRQS count 0), or the "
                            "kexec is refused")
-        state = power_state(bdf)
         if state and state != "D0":
             reasons.append(f"the device is in {state}, not D0; the kexec would be refused")
     return reasons

@@ -708,7 +708,7 @@ class VfioDevice:
         from .preservation import why_not
 
         problems = why_not(self.fileno(), self.bdf, self.path if self.path and self.path.startswith(
-            ("/dev/vfio/devices/", "anon_inode:")) else None)
+            ("/dev/vfio/devices/", "anon_inode:")) else None, bound=self.bound)
         if self._irqs_enabled and not any(p.startswith("IRQs are enabled") for p in problems):
             problems.append("IRQs are enabled through this object (index: vectors " + ", ".join(
                 f"{i}: {n}" for i, n in sorted(self._irqs_enabled.items())) + "); disable them: the kexec would be refused")

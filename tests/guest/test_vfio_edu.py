@@ -229,7 +229,7 @@ def test_map_file_iommufd(cdev):
         assert os.pread(ram.fileno(), 32, PAGE) == b"mapped by file".ljust(32, b"\0")
 
 
-# --- live update on this kernel (upstream 7.2: no VFIO preservation) -------------------------
+# --- live update: the refusals before anything changes (on either kernel) ---------------------
 def test_preserve_preconditions_refused_before_anything_changes(edu_bdf):
     with LiveUpdate() as lu, lu.create_session("vfio-preconditions") as s:
         with VfioDevice.open(edu_bdf, "vfio_type1v2_iommu") as legacy:
@@ -248,16 +248,27 @@ def test_preserve_preconditions_refused_before_anything_changes(edu_bdf):
         assert s.preserved == {}
 
 
-def test_preserve_on_kernel_without_vfio_live_update(cdev):
+def test_preserve_answer_matches_what_the_kernel_can_do(cdev):
+    """The library asks the kernel what it can preserve: on a kernel without device
+    preservation the refusal names it (and changes nothing); on one with it, it preserves."""
+    from pyvfio_lu.preservation import can_preserve_devices
+
     with LiveUpdate() as lu, lu.create_session("vfio-unsupported") as s:
         with Memfd.create("ram", b"x") as ram:
             s.preserve(ram, 1)
-        with pytest.raises(errors.VfioPreservationUnsupported) as exc:
+        if can_preserve_devices():
             cdev.preserve(s, 2)
-        assert exc.value.errno == errno.ENOENT
-        assert "CONFIG_VFIO_PCI_LIVEUPDATE" in str(exc.value)
-        assert s.preserved.keys() == {1}  # the session lost nothing
-    assert edu.Edu(cdev).identify() == edu.ID  # and the device still works
+            assert s.preserved.keys() == {1, 2}
+        else:
+            with pytest.raises(errors.VfioPreservationUnsupported) as exc:
+                cdev.preserve(s, 2)
+            assert exc.value.errno == errno.ENOENT
+            assert "CONFIG_VFIO_PCI_LIVEUPDATE" in str(exc.value) and "vfio-lu" in str(exc.value)
+            assert s.preserved.keys() == {1}  # the session lost nothing
+            # past the library's check the kernel's own ENOENT gets the same name
+            with pytest.raises(errors.VfioPreservationUnsupported):
+                s.preserve(cdev, 2)
+    assert edu.Edu(cdev).identify() == edu.ID  # the device still works (the session was closed)
 
 
 def test_intx_delivered_and_unmasked(dev):

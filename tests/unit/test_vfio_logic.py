@@ -56,7 +56,7 @@ def _fake_device(monkeypatch, *, cdev=True, bound=True, irqs=None, kernel_says=(
     os.close(w)
     dev = VfioDevice(r, iommu=None, bdf="0000:00:04.0", cdev=cdev, bound=bound)
     dev._irqs_enabled = dict(irqs or {})
-    monkeypatch.setattr(preservation, "why_not", lambda fd, bdf=None, link=None: list(kernel_says))
+    monkeypatch.setattr(preservation, "why_not", lambda fd, bdf=None, link=None, bound=None: list(kernel_says))
     return dev
 
 
