@@ -224,8 +224,9 @@ class DeviceFrozen(VfioError):
 
     default_reason = (
         "the device was frozen for a live update whose kexec did not happen: its fd answers EIO "
-        "to everything, and so does a new open, until the device is unbound from vfio-pci and "
-        "bound again (pyvfio-lu recover BDF, or PciDevice(bdf).rebind_vfio()); close every fd of it first"
+        "to everything. Close the session that preserves it and every fd of it; if a new open still "
+        "answers EIO, have it unbound from vfio-pci and bound again (pyvfio-lu recover BDF, or "
+        "pyvfio_lu.preservation.recover_frozen(bdf))"
     )
 
 

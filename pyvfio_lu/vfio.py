@@ -377,6 +377,7 @@ class VfioDevice:
         try:
             dev.bind(iommu)
             dev.attach(iommu.ioas_id)
+            dev._call("VFIO_DEVICE_GET_INFO")  # a device frozen by an aborted kexec binds, then answers EIO
         except PyvfioError as exc:
             dev._owns_iommu = False
             dev.close()
@@ -408,6 +409,11 @@ class VfioDevice:
                 fd = call(FdKind.VFIO_GROUP, gfd.fileno(), "VFIO_GROUP_GET_DEVICE_FD", pci.bdf, target=pci.bdf)
             except PyvfioError as exc:
                 raise _open_error(exc, "VFIO_GROUP_GET_DEVICE_FD", pci.bdf) from None
+            try:
+                call(FdKind.VFIO_DEVICE, fd, "VFIO_DEVICE_GET_INFO", target=pci.bdf)
+            except PyvfioError as exc:
+                os.close(fd)
+                raise _open_error(exc, "VFIO_DEVICE_GET_INFO", pci.bdf) from None
         except BaseException:
             gfd.close()
             raise

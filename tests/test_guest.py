@@ -68,8 +68,10 @@ RUNS = [] if os.environ.get("PYVFIO_LU_SKIP_GUEST") else _runs()
 
 
 def _pytest_command(stage: int, results: str) -> str:
+    # PYVFIO_LU_GUEST_ONLY: a space-separated selection of guest test files or node ids (debugging)
+    only = os.environ.get("PYVFIO_LU_GUEST_ONLY", "tests/guest")
     return (f"PYVFIO_LU_GUEST_STAGE={stage} PYVFIO_LU_RESULTS={results} "
-            f"{sys.executable} -m pytest -p no:cacheprovider -q -rfEs tests/guest")
+            f"{sys.executable} -m pytest -p no:cacheprovider -q -rfEs {only}")
 
 
 _RUNS: dict[str, dict] = {}

@@ -206,6 +206,9 @@ class TestDeviceBusyWithDmaAtKexec:
         if pid == 0:  # the DMA loop: runs until the kexec
             try:
                 os.setsid()
+                from pyvfio_lu.holder import _close_all_but
+
+                _close_all_but([0, 1, 2, dev.fileno()])  # not /dev/liveupdate or the sessions
                 while True:
                     e.dma_to_device(IOVA, edu.DMA_MAX, timeout=30)
                     e.dma_from_device(IOVA + PAGE, edu.DMA_MAX, timeout=30)
