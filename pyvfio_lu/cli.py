@@ -151,7 +151,7 @@ def cmd_status(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import main as demo_main
 
-    return demo_main(["--iommu", args.iommu, "--timeout", str(args.timeout)])
+    return demo_main(["--iommu", args.iommu, "--timeout", str(args.timeout), "--flavour", args.flavour])
 
 
 # --- parser -------------------------------------------------------------------------------------
@@ -206,9 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", "run the live-update demo in the QEMU guest (builds the kernel first)",
             "Build (or reuse) the test kernel, boot it in QEMU, carry guest RAM and the edu device "
-            "through a real kexec live update, printing each step.",
-            "example: pyvfio-lu demo --iommu virtio")
+            "through a real kexec live update, printing each step. The device itself crosses the kexec "
+            "on the device-preservation (vfio-lu) kernel, used when it is in the cache; on the upstream "
+            "kernel it is set up again after the kexec.",
+            "example: pyvfio-lu demo --iommu virtio --flavour vfio-lu")
     p.add_argument("--iommu", choices=["intel", "virtio"], default="intel")
+    p.add_argument("--flavour", choices=["auto", "upstream", "vfio-lu"], default="auto",
+                   help="kernel flavour (default auto: vfio-lu when cached, else upstream)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before the guest is stopped")
     p.set_defaults(func=cmd_demo)
     return parser

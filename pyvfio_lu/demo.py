@@ -1,10 +1,12 @@
 """The main demo: a live update in the QEMU guest that carries "guest RAM" (a memfd) and
-exercises the VFIO device, every step printed with its time.
+the VFIO device itself where the kernel can preserve devices, every step printed with its time.
 
 On the host, ``python -m pyvfio_lu.demo`` (or ``pyvfio-lu demo``) builds or reuses the
 kernel, boots the guest and runs stage 1 there; the guest kexecs itself (our own
 ``kexec_file_load``) and runs stage 2. Inside the guest the same module runs with
-``--guest-stage N``.
+``--guest-stage N``. The kernel: the device-preservation (vfio-lu) kernel when one is in the
+cache, else the upstream one (``--flavour`` to choose); on the upstream kernel the device is
+closed before the kexec and set up again after it, and the demo says so.
 """
 
 from __future__ import annotations
@@ -23,6 +25,16 @@ DEVICE_TOKEN = 2
 RAM_SIZE = 16 << 20
 IOVA = 0x1000000
 PREFIX = "demo |"
+
+
+def since_process_start() -> float:
+    """Seconds since this process started, from the kernel's own record (/proc/self/stat
+    start time against /proc/uptime): interpreter start-up and imports included."""
+    with open("/proc/self/stat") as fh:
+        start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as fh:
+        uptime = float(fh.read().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 class Steps:
@@ -63,6 +75,7 @@ def guest_stage1(step: Steps) -> int:
     from .holder import Holder
     from .luo import LiveUpdate
     from .memfd import Memfd
+    from .preservation import device_preservation
     from .status import status
     from .sysfs import PciDevice
     from .vfio import VfioDevice
@@ -91,19 +104,26 @@ def guest_stage1(step: Steps) -> int:
              f"{'bytes identical' if ok else 'MISMATCH'}")
         if not ok:
             return 1
+        support = device_preservation()
+        step(f"can this kernel preserve VFIO devices? {'yes' if support.supported else 'NO'} ({support.detail})")
+        holder = Holder.spawn("/run/pyvfio-lu-demo-holder.sock")
         with LiveUpdate() as lu:
             session = lu.create_session(SESSION)
             session.preserve(ram, RAM_TOKEN)
             step(f"session {SESSION!r}: guest RAM preserved as token {RAM_TOKEN}")
             try:
                 dev.preserve(session, DEVICE_TOKEN)
-                step(f"VFIO device preserved as token {DEVICE_TOKEN}")
+                carried = True
+                step(f"VFIO device {pci.bdf} preserved as token {DEVICE_TOKEN}: it stays the session's until "
+                     "the kexec")
             except PyvfioError as exc:
-                step(f"VFIO device not preserved; the kernel says: {exc}")
-        dev.iommu.unmap_all()
-    step("VFIO device closed before the kexec (it is set up again afterwards)")
-    holder = Holder.spawn("/run/pyvfio-lu-demo-holder.sock")
-    holder.hold_session(session)
+                carried = False
+                step(f"VFIO device NOT preserved: {exc}")
+            holder.hold_session(session)  # with the ledger: tokens, BDF, RAM's IOVA travel in LUO
+        if not carried:
+            dev.iommu.unmap_all()
+    step("this process's device fd closed; " + ("LUO keeps the preserved file" if carried
+                                                 else "the device is set up again after the kexec"))
     ram.close()
     step(f"session handed to a holder daemon; held: {sorted(holder.list())}")
     step("stage 1 done: the guest now loads this kernel with kexec_file_load and reboots into it")
@@ -111,51 +131,73 @@ def guest_stage1(step: Steps) -> int:
 
 
 def guest_stage2(step: Steps) -> int:
+    started = since_process_start() - (time.monotonic() - step.t0)  # process start -> Steps()
     from . import edu
+    from .iommu import Iommu
+    from .ledger import incoming
     from .luo import LiveUpdate
     from .memfd import Memfd
-    from .status import status
     from .sysfs import PciDevice
     from .vfio import VfioDevice
 
-    st = status()
-    step(f"after the kexec: boot id {st.boot_id[:8]}, live update number {st.liveupdate_number}")
-    with LiveUpdate() as lu, lu.retrieve_session(SESSION) as session:
+    step(f"after the kexec (process started {started * 1000:.0f} ms before this line)")
+    with LiveUpdate() as lu:  # adopts the ledgers: what came in, described by LUO itself
+        files = incoming()[SESSION]["files"]
+        device = files.get(f"{DEVICE_TOKEN:#x}")
+        ram_iovas = files[f"{RAM_TOKEN:#x}"]["iovas"]
+        step(f"the ledger says session {SESSION!r} holds: "
+             + ", ".join(f"token {t} {r['kind']} {r.get('bdf') or r.get('name')}" for t, r in sorted(files.items()))
+             + f"; guest RAM was mapped at {', '.join(hex(i) for i, _s, _o in ram_iovas)}")
+        session = lu.retrieve_session(SESSION)
+    with session:
         ram = Memfd.adopt(session.retrieve(RAM_TOKEN))
-        ok = ram.read_all() == _ram_pattern()
-        step(f"session {SESSION!r} retrieved; guest RAM token {RAM_TOKEN}: {ram.size >> 20} MiB, "
-             f"seals {ram.seals:#x}, contents {'intact' if ok else 'CORRUPTED'}")
-        if not ok:
-            return 1
         pci = PciDevice(EDU_BDF)
-        pci.bind_vfio()
-        step(f"edu re-bound to vfio-pci (driver_override), cdev {pci.vfio_cdev}")
-        with VfioDevice.open(EDU_BDF, "iommufd") as dev:
-            e = edu.Edu(dev)
+        pci.bind_vfio()  # nothing binds a preserved device after the kexec
+        if device:
+            dev = VfioDevice.from_fd(session.retrieve(DEVICE_TOKEN).detach(), iommu=Iommu("iommufd"))
+            dev._owns_iommu = True
+            how = f"retrieved from token {DEVICE_TOKEN} ({os.readlink(f'/proc/self/fd/{dev.fileno()}')})"
+        else:
+            dev = VfioDevice.open(EDU_BDF, "iommufd")
+            how = "opened afresh (the previous kernel could not preserve it)"
+        with dev:
+            for iova, size, offset in ram_iovas:
+                dev.iommu.map_file(ram, iova, size=size, offset=offset, writeable=False)
             dev.enable_bus_master()
-            dev.iommu.map_file(ram, IOVA, size=RAM_SIZE, writeable=False)
+            e = edu.Edu(dev)
             ok = _dma_check(dev, e, ram, 4096)
-            step(f"device set up again on a new iommufd (IOAS {dev.iommu.ioas_id}); guest RAM re-mapped at "
-                 f"IOVA {IOVA:#x}; edu id {e.identify():#010x}; DMA of the preserved RAM out and back: "
-                 f"{'bytes identical' if ok else 'MISMATCH'}")
+            ready = since_process_start()
+            step(f"edu {how}, bound to a new iommufd (IOAS {dev.iommu.ioas_id}), guest RAM re-mapped at the "
+                 f"same IOVA, DMA out and back: {'bytes identical' if ok else 'MISMATCH'}")
+            step(f"device DMA-ready again {ready * 1000:.0f} ms after this process started")
+            ok = ok and ram.read_all() == _ram_pattern()
+            step(f"guest RAM: {ram.size >> 20} MiB, contents {'intact' if ok else 'CORRUPTED'}")
             if not ok:
                 return 1
+            session.finish()
+            step("session finished: the kernel released what it kept for it")
             dev.iommu.unmap_all()
-        session.finish()
-        step("session finished: the kernel released what it kept for it")
         ram.close()
+    with VfioDevice.open(EDU_BDF, "iommufd") as dev:
+        step(f"a normal open works again: edu id {edu.Edu(dev).identify():#010x}")
     step("live update complete")
     return 0
 
 
-def host(iommu: str, timeout: float) -> int:
-    from .vm.kernel import build
+def host(iommu: str, timeout: float, flavour: str = "auto") -> int:
+    from .vm.kernel import UPSTREAM, VFIO_LU, build, find_cached
     from .vm.run import run_in_guest
 
     t0 = time.monotonic()
-    image = build()
+    if flavour == "auto":
+        flavour = VFIO_LU if find_cached(VFIO_LU) is not None or os.environ.get("PYVFIO_LU_KERNEL_PATCHES") \
+            else UPSTREAM
+    image = build(flavour=flavour)
     how = "built" if image.build_seconds else "cached"
-    print(f"kernel: {image.bzimage} ({how}, Debian linux-source {image.version})", flush=True)
+    print(f"kernel: {image.bzimage} ({image.flavour}, {how}, Debian linux-source {image.version})", flush=True)
+    if image.flavour == UPSTREAM:
+        print("note: the upstream kernel cannot preserve VFIO devices; the device is set up again after the "
+              "kexec. Build the vfio-lu kernel (README: a kernel that preserves devices) to carry it.", flush=True)
     python = sys.executable
     root = Path(__file__).resolve().parent.parent
 
@@ -165,7 +207,7 @@ def host(iommu: str, timeout: float) -> int:
 
     result = run_in_guest(f"{python} -m pyvfio_lu.demo --guest-stage 1",
                           f"{python} -m pyvfio_lu.demo --guest-stage 2",
-                          iommu=iommu, timeout=timeout, cwd=root, on_line=echo,
+                          iommu=iommu, timeout=timeout, cwd=root, on_line=echo, kernel=image.bzimage,
                           results_dir=root / "results" / "demo" / time.strftime("%Y%m%d-%H%M%S"))
     print(result.summary(), flush=True)
     print(f"demo wall time: {time.monotonic() - t0:.1f} s", flush=True)
@@ -177,16 +219,17 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iommu", choices=["intel", "virtio"], default="intel", help="vIOMMU of the guest")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds before the guest is stopped")
+    parser.add_argument("--flavour", choices=["auto", "upstream", "vfio-lu"], default="auto",
+                        help="kernel: vfio-lu (device preservation) when cached, else upstream (default: auto)")
     parser.add_argument("--guest-stage", type=int, choices=[1, 2], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.guest_stage:
-        os.environ.setdefault("PYVFIO_LU_STATE_DIR", "/shared/state")
         step = Steps()
         return (guest_stage1 if args.guest_stage == 1 else guest_stage2)(step)
     from .vm.qemu import GuestError
 
     try:
-        return host(args.iommu, args.timeout)
+        return host(args.iommu, args.timeout, args.flavour)
     except GuestError as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1

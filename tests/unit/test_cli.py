@@ -242,7 +242,9 @@ def test_demo_passes_its_options(monkeypatch):
 
     monkeypatch.setattr(pyvfio_lu.demo, "main", lambda argv: seen.append(argv) or 0)
     assert cli.main(["demo", "--iommu", "virtio", "--timeout", "60"]) == 0
-    assert seen == [["--iommu", "virtio", "--timeout", "60.0"]]
+    assert cli.main(["demo", "--flavour", "vfio-lu"]) == 0
+    assert seen == [["--iommu", "virtio", "--timeout", "60.0", "--flavour", "auto"],
+                    ["--iommu", "intel", "--timeout", "900.0", "--flavour", "vfio-lu"]]
 
 
 def test_keyboard_interrupt_exits_130(monkeypatch):
