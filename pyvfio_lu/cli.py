@@ -44,7 +44,11 @@ def cmd_devices(args) -> int:
         devices = [PciDevice(b, args.sysfs) for b in args.bdf]
     else:
         devices = [d for d in list_devices(args.sysfs) if args.all or d.pci_class >> 16 != 0x06]
-    rows = [d.to_json() for d in devices]
+    from .status import preserved_devices
+
+    _adopt_ledgers()
+    held = {d["bdf"]: d for d in preserved_devices()}
+    rows = [dict(d.to_json(), preserved=held.get(d.bdf)) for d in devices]
     if args.json:
         _print_json(rows)
         return EXIT_OK
@@ -54,6 +58,9 @@ def cmd_devices(args) -> int:
         cls = f"{r['class_name']} ({r['class']})"
         print(f"{r['bdf']:<13} {r['vendor']}:{r['device']:<5} {cls:<22} {r['driver'] or '-':<12} "
               f"{group:<6} {r['vfio_cdev'] or '-':<24} {','.join(r['net']) or '-'}")
+        if r["preserved"]:
+            p = r["preserved"]
+            print(" " * 14 + f"preserved by a live update: {p['direction']} session {p['session']!r} token {p['token']}")
         others = [m for m in r["group"] if m["bdf"] != r["bdf"]]
         if others:
             print(" " * 14 + f"group {group} also holds: "
@@ -119,9 +126,26 @@ def _cmdline(pid: int) -> str:
     return " ".join(w.decode(errors="replace") for w in words)
 
 
+def _adopt_ledgers() -> None:
+    """After a live update, read the ledgers once (what the first /dev/liveupdate open does)."""
+    import os
+
+    from . import ledger
+    from .errors import PyvfioError
+    from .luo import DEVICE_PATH, LiveUpdate
+
+    if ledger.adopted() or not os.path.exists(DEVICE_PATH):
+        return
+    try:
+        LiveUpdate().close()
+    except PyvfioError:
+        pass  # busy: whoever holds it adopted them, or will
+
+
 def cmd_status(args) -> int:
     from .status import status
 
+    _adopt_ledgers()
     st = status()
     doc = st.to_json()
     for holders in [*doc["sessions"].values(), doc["holders_of_device"]]:
@@ -145,6 +169,21 @@ def cmd_status(args) -> int:
                 print(f"  {name:<24} pid {h['pid']:<6} fd {h['fd']:<4} {h['cmdline'] or h['comm']}")
     else:
         print("sessions:             none open in any visible process")
+    dp = st.device_preservation
+    print(f"device preservation:  {yes[dp.get('supported')]} ({dp.get('detail')})")
+    if st.incoming:
+        print("incoming sessions (from the previous kernel's ledgers, not finished yet):")
+        for name, entry in sorted(st.incoming.items()):
+            files = entry.get("files") or {}
+            print(f"  {name:<24} {len(files)} file(s)")
+            for token, rec in sorted(files.items()):
+                what = (f"VFIO device {rec.get('bdf')}" if rec.get("kind") == "vfio-device" else
+                        f"memfd {rec.get('name')!r} {rec.get('size')} bytes"
+                        + (" at IOVA " + ", ".join(hex(i[0]) for i in rec["iovas"]) if rec.get("iovas") else "")
+                        if rec.get("kind") == "memfd" else f"{rec.get('kind')} {rec.get('what', '')}")
+                print(f"    token {token:<8} {what}")
+    for d in st.preserved_devices:
+        print(f"preserved device:     {d['bdf']} in {d['direction']} session {d['session']!r} token {d['token']}")
     return EXIT_OK
 
 

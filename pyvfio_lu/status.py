@@ -23,6 +23,10 @@ class Status:
     cmdline: str
     sessions: dict[str, list[dict]] = field(default_factory=dict)  # name -> [{pid, comm, fd}]
     holders_of_device: list[dict] = field(default_factory=list)
+    device_preservation: dict = field(default_factory=dict)  # {"supported", "detail"}
+    # after a live update: sessions the previous kernel's ledgers describe and nobody finished
+    incoming: dict[str, dict] = field(default_factory=dict)  # name -> {"files": {token: record}}
+    preserved_devices: list[dict] = field(default_factory=list)  # [{bdf, session, token, direction}]
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -105,7 +109,29 @@ def kstrtobool(text: str) -> bool | None:
     return None
 
 
+def preserved_devices() -> list[dict]:
+    """Every VFIO device a live update holds, as the ledgers tell: ``outgoing`` (preserved in
+    this boot, kept by a live holder, or by a session of this process) and ``incoming`` (came
+    through the last live update, its session not finished yet)."""
+    from . import ledger
+    from .preservation import _LOCAL
+
+    out = []
+    for direction, sessions in (("outgoing", ledger.outgoing()), ("incoming", ledger.incoming())):
+        for name, entry in sorted(sessions.items()):
+            for token, rec in sorted((entry.get("files") or {}).items()):
+                if isinstance(rec, dict) and rec.get("kind") == "vfio-device":
+                    out.append({"bdf": rec.get("bdf"), "session": name, "token": token, "direction": direction})
+    for bdf, (name, token) in sorted(_LOCAL.items()):
+        if not any(d["bdf"] == bdf for d in out):
+            out.append({"bdf": bdf, "session": name, "token": f"{token:#x}", "direction": "outgoing"})
+    return out
+
+
 def status(proc: str = "/proc") -> Status:
+    from . import ledger
+    from .preservation import device_preservation
+
     cmdline = _read("/proc/cmdline") or ""
     sessions = {
         name: [{"pid": h.pid, "comm": h.comm, "fd": h.fd} for h in hs]
@@ -120,4 +146,7 @@ def status(proc: str = "/proc") -> Status:
         cmdline=cmdline,
         sessions=sessions,
         holders_of_device=[{"pid": h.pid, "comm": h.comm, "fd": h.fd} for h in procfs.liveupdate_holders(proc)],
+        device_preservation=device_preservation()._asdict(),
+        incoming=ledger.incoming(),
+        preserved_devices=preserved_devices(),
     )

@@ -180,7 +180,8 @@ def test_status_collects_sessions_and_device_holders_as_json(tmp_path):
     assert [(h["pid"], h["fd"]) for h in data["sessions"]["vm-9"]] == [(77, 4)]
     assert [(h["pid"], h["fd"]) for h in data["holders_of_device"]] == [(77, 5)]
     assert set(data) == {"luo_enabled", "kho_enabled", "liveupdate_number", "boot_id", "kexec_loaded",
-                         "cmdline", "sessions", "holders_of_device"}
+                         "cmdline", "sessions", "holders_of_device", "device_preservation", "incoming",
+                         "preserved_devices"}
 
 
 def test_status_reads_this_hosts_boot_facts(tmp_path):
