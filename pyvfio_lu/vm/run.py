@@ -179,7 +179,8 @@ def run_in_guest(stage1: str, stage2: str | None = None, *, iommu: str = "intel"
                  extra_append: str = "", memory: str = "2G", net: bool = True,
                  kernel: Path | None = None, accel: str | None = None,
                  cwd: Path | None = None,
-                 on_line: Callable[[float, str], None] | None = None) -> GuestResult:
+                 on_line: Callable[[float, str], None] | None = None,
+                 stage3: str | None = None) -> GuestResult:
     """Boot the test kernel, run ``stage1`` (a shell command) in the guest root, and with
     ``stage2`` live-update (kexec) into the same kernel and run ``stage2`` there.
 
@@ -190,6 +191,10 @@ def run_in_guest(stage1: str, stage2: str | None = None, *, iommu: str = "intel"
     when it ends without reaching the last stage's end (panic, failed kexec, QEMU error).
     """
     stages = {1: stage1} if stage2 is None else {1: stage1, 2: stage2}
+    if stage3 is not None:
+        if stage2 is None:
+            raise ValueError("stage3 needs a stage2")
+        stages[3] = stage3  # a second live update, from stage 2 into stage 3
     kernel = (kernel or _kernel_image()).resolve()
     initrd = build_initramfs()
     results = _prepare_results(results_dir)
