@@ -64,6 +64,24 @@ class TestDeviceFlow:
         assert files["0x1"] == {"kind": "memfd", "name": "flow-ram", "size": RAM, "iovas": [[IOVA, RAM, 0]]}
 
     @pytest.mark.after_kexec
+    def test_after_status_and_devices_show_it(self, luo, carry):
+        import json
+        import subprocess
+        import sys
+
+        bdf = EDU_BDFS["flow"]
+        cli = [sys.executable, "-m", "pyvfio_lu"]
+        st = json.loads(subprocess.run([*cli, "status", "--json"], capture_output=True, text=True, check=True).stdout)
+        assert st["device_preservation"]["supported"] is True
+        assert st["incoming"]["lu-flow"]["files"]["0x2"]["bdf"] == bdf
+        assert {"bdf": bdf, "session": "lu-flow", "token": "0x2", "direction": "incoming"} in st["preserved_devices"]
+        text = subprocess.run([*cli, "status"], capture_output=True, text=True, check=True).stdout
+        assert "incoming sessions" in text and f"VFIO device {bdf}" in text and "memfd 'flow-ram'" in text
+        (row,) = json.loads(subprocess.run([*cli, "devices", "--json", bdf], capture_output=True, text=True,
+                                           check=True).stdout)
+        assert row["preserved"] == {"bdf": bdf, "session": "lu-flow", "token": "0x2", "direction": "incoming"}
+
+    @pytest.mark.after_kexec
     def test_after_device_has_no_driver(self, luo, carry):
         assert PciDevice(EDU_BDFS["flow"]).driver is None  # nothing binds it by itself
         PciDevice(EDU_BDFS["flow"]).bind_vfio()

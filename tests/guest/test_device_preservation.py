@@ -126,6 +126,9 @@ def test_holder_ledger_names_the_device_on_open(edu_bdf):
             holder.hold_session(s)  # the holder writes its ledger in LUO and mirrors it here
         held = ledger.outgoing()["dp-held"]
         assert held["files"]["0x3"]["bdf"] == edu_bdf and held["holder"]["kind"] == "holder"
+        from pyvfio_lu.status import preserved_devices
+
+        assert {"bdf": edu_bdf, "session": "dp-held", "token": "0x3", "direction": "outgoing"} in preserved_devices()
         with pytest.raises(errors.DevicePreserved, match="session 'dp-held' \\(token 0x3\\)"):
             VfioDevice.open(edu_bdf, "iommufd")
         holder.release("session:dp-held")
