@@ -23,6 +23,8 @@ examples:
   pyvfio-lu unbind 0000:00:05.0 --driver virtio-pci   ... or give it back to its driver
   pyvfio-lu status                       LUO/KHO state, live update number, who holds which session
   pyvfio-lu status --json | jq .sessions
+  pyvfio-lu status --json | jq .incoming     after a live update: what came in (from the ledgers LUO carried)
+  pyvfio-lu recover 0000:00:04.0         a device frozen by a refused kexec: unbind + bind vfio-pci
   pyvfio-lu demo                         boot the test kernel in QEMU and run a live update
 
 exit codes: 0 ok, 1 failed, 2 bad usage, 3 refused by a safety check (see --force)
@@ -111,6 +113,20 @@ def cmd_unbind(args) -> int:
     else:
         net = f"; interfaces {', '.join(result['net'])}" if result["net"] else ""
         print(f"{pci.bdf}: unbound from {before or 'no driver'}; driver now {pci.driver or 'none'}{net}")
+    return EXIT_OK
+
+
+def cmd_recover(args) -> int:
+    from .preservation import recover_frozen
+    from .sysfs import PciDevice
+
+    recover_frozen(args.bdf, args.sysfs)
+    pci = PciDevice(args.bdf, args.sysfs)
+    result = {"ok": True, "bdf": pci.bdf, "driver": pci.driver, "vfio_cdev": pci.vfio_cdev}
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"{pci.bdf}: unbound and bound to {pci.driver} again; cdev {pci.vfio_cdev or '-'}")
     return EXIT_OK
 
 
@@ -243,6 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
+    p = add("recover", "give back a device frozen by a kexec that did not happen (unbind + bind vfio-pci)",
+            "After a refused kexec, a device that was already frozen answers EIO (DeviceFrozen), and so "
+            "does a new open. This unbinds it from vfio-pci and binds it again. Refused, changing nothing, "
+            "while a live-update session still preserves it or any process has it open (an unbind would "
+            "wait for them): close those first.",
+            "example: pyvfio-lu recover 0000:00:04.0")
+    p.add_argument("bdf", help="PCI address of the frozen device")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--sysfs", default="/sys", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_recover)
     p = add("demo", "run the live-update demo in the QEMU guest (builds the kernel first)",
             "Build (or reuse) the test kernel, boot it in QEMU, carry guest RAM and the edu device "
             "through a real kexec live update, printing each step. The device itself crosses the kexec "

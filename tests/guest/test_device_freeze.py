@@ -11,6 +11,8 @@ anything holds the device and works once nothing does.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -73,7 +75,10 @@ def test_irq_enabled_after_preserve_refuses_the_kexec_and_loses_nothing(edu_for)
             dev = VfioDevice.open(frozen_bdf, "iommufd")
         with dev:
             assert edu.Edu(dev).identify() == edu.ID
-        preservation.recover_frozen(frozen_bdf)  # once nothing holds it, recovery is always allowed
+        # once nothing holds it, recovery is always allowed (here through the CLI)
+        out = subprocess.run([sys.executable, "-m", "pyvfio_lu", "recover", frozen_bdf], capture_output=True,
+                             text=True, check=True).stdout
+        assert "bound to vfio-pci again" in out
         with VfioDevice.open(frozen_bdf, "iommufd") as dev:
             assert edu.Edu(dev).identify() == edu.ID
     finally:
