@@ -54,6 +54,14 @@ class InvalidArgument(PyvfioError):
     """EINVAL: the kernel rejected an argument (or the call is not valid in this state)."""
 
 
+class BadArgumentType(InvalidArgument, TypeError):
+    """An argument of the wrong type, caught before anything reached the kernel."""
+
+
+class ArgumentOutOfRange(InvalidArgument, ValueError):
+    """An integer argument outside what the kernel's field can hold, caught before the call."""
+
+
 class ArgumentTooLarge(PyvfioError):
     """E2BIG: the argument struct is larger than the kernel knows and its tail is not zero."""
 
@@ -254,12 +262,28 @@ class VfioPreservationUnsupported(NotPreservable, NotLiveUpdateReady):
     )
 
 
+class MappingExists(VfioError, FileExistsError):
+    """EEXIST on a DMA map: the IOVA range overlaps a mapping that is already there."""
+
+    default_reason = "the IOVA range overlaps an existing mapping (unmap it first, or choose another IOVA)"
+
+
 class UnsafeOperation(VfioError, ValueError):
     """A request that would let a device DMA into memory the caller does not own."""
 
 
 class WrongFdKind(PyvfioError, TypeError):
     default_reason = "this ioctl is not valid on this kind of file descriptor"
+
+
+def check_int(value: object, what: str, low: int, high: int, operation: str, target: str = "") -> int:
+    """``value`` as an int in [low, high]; BadArgumentType / ArgumentOutOfRange naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadArgumentType(_errno.EINVAL, operation, target,
+                              f"{what} must be an integer, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise ArgumentOutOfRange(_errno.EINVAL, operation, target, f"{what} {value} is outside {low}..{high}")
+    return value
 
 
 # errno -> generic class, used when no operation-specific class applies
@@ -300,6 +324,9 @@ BY_OPERATION: dict[tuple[str, int], type[PyvfioError]] = {
     ("kexec_file_load", _errno.EPERM): KexecNotPermitted,
     ("reboot(RB_KEXEC)", _errno.EPERM): KexecNotPermitted,
     ("open VFIO device", _errno.EBUSY): DevicePreserved,
+    ("IOMMU_IOAS_MAP", _errno.EEXIST): MappingExists,
+    ("IOMMU_IOAS_MAP_FILE", _errno.EEXIST): MappingExists,
+    ("VFIO_IOMMU_MAP_DMA", _errno.EEXIST): MappingExists,
     ("VFIO_GROUP_GET_DEVICE_FD", _errno.EBUSY): DevicePreserved,
 }
 

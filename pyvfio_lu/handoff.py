@@ -1,9 +1,14 @@
 """Hand named fds between processes over a Unix socket (SCM_RIGHTS), with a manifest.
 
-A message is one ``SOCK_SEQPACKET`` datagram: a JSON header plus up to 250 fds in the
-same ``sendmsg``; more fds go in further messages with ``"more": true``. Every fd
-received is ``O_CLOEXEC`` (``MSG_CMSG_CLOEXEC``) and returned in an :class:`OwnedFd`.
-The receiver checks the sender's uid with ``SO_PEERCRED`` before it takes anything.
+A message is a JSON header and any number of named fds, sent as ``SOCK_SEQPACKET``
+datagrams: up to 250 fds go with one part of the header (each part carrying the manifest
+entries of its own fds, ``"more": true`` until the last part), and a part whose JSON is
+larger than one datagram is split into continuation datagrams (a first byte ``C``; the part's
+final datagram starts with ``J`` and carries the fds). So neither the number of fds nor the
+size of a manifest is limited by the datagram size; :data:`MAX_HEADER` bounds what a
+receiver accepts. Every fd received is ``O_CLOEXEC`` (``MSG_CMSG_CLOEXEC``) and returned in
+an :class:`OwnedFd`. The receiver checks the sender's uid with ``SO_PEERCRED`` before it
+takes anything.
 
 The manifest says what each fd is, e.g. for a LUO session
 ``{"session": "vm-1", "files": {"0x1": "guest RAM memfd", "0x2": "VFIO 0000:00:04.0"}}``.
@@ -40,7 +45,10 @@ if TYPE_CHECKING:  # luo loads the compiled module, which plain fd passing does 
     from .luo import Session
 
 MAX_FDS_PER_MESSAGE = 250  # the kernel's SCM_MAX_FD is 253
-MAX_MESSAGE = 1 << 16
+MAX_MESSAGE = 1 << 16  # one datagram
+MAX_HEADER = 64 << 20  # one message's JSON, all parts together: more is refused (HandoffError)
+MAX_PARTS = 1 << 16  # fd groups in one message (16 million fds)
+PART, CONTINUED = b"J", b"C"  # first byte of a datagram: the end of a JSON part, or a piece of one
 
 
 class HandoffError(PyvfioError):
@@ -110,9 +118,11 @@ def send_message(sock: socket.socket, header: dict[str, Any], fds: Iterable[int]
             body["manifest"] = {k: v for k, v in manifest.items() if k in chunk_names or not chunk_names}
         body["more"] = n < len(chunks) - 1
         data = json.dumps(body).encode()
-        if len(data) > MAX_MESSAGE:
-            raise ValueError(f"hand-off header of {len(data)} bytes exceeds {MAX_MESSAGE}")
-        socket.send_fds(sock, [data], chunk)
+        room = MAX_MESSAGE - 1
+        pieces = [data[i:i + room] for i in range(0, len(data), room)] or [b""]
+        for piece in pieces[:-1]:
+            sock.send(CONTINUED + piece)  # SOCK_SEQPACKET: one datagram, whole or not at all
+        socket.send_fds(sock, [PART + pieces[-1]], chunk)
 
 
 def _recv_fds(sock: socket.socket) -> tuple[bytes, list[int], int]:
@@ -137,29 +147,55 @@ class Message:
             f.close()
 
 
+def _refuse(owned: list[OwnedFd], out: Message, err: int, reason: str) -> HandoffError:
+    for f in owned:
+        f.close()
+    out.close()
+    return HandoffError(err, "fd hand-off", "message", reason)
+
+
 def recv_message(sock: socket.socket) -> Message | None:
-    """The next message (all of its datagrams), or None when the peer closed the socket."""
+    """The next message (all of its datagrams), or None when the peer closed the socket.
+
+    HandoffError (and every fd received so far closed) for a truncated, oversized or
+    malformed message, or one with a different number of fds than names."""
     header: dict[str, Any] | None = None
     out = Message({})
+    pending = bytearray()
+    total = parts = 0
     while True:
         data, fds, flags = _recv_fds(sock)
         owned = [OwnedFd(fd, "received fd") for fd in fds]
         if not data and not fds:
+            if header is not None or pending:
+                raise _refuse(owned, out, errno.EPIPE, "the peer closed the connection in the middle of a message")
             out.close()
             return None
         if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
-            for f in owned:
-                f.close()
-            out.close()
-            raise HandoffError(errno.EMSGSIZE, "fd hand-off", "message", "message or fds truncated")
+            raise _refuse(owned, out, errno.EMSGSIZE, "message or fds truncated")
+        total += len(data)
+        if total > MAX_HEADER:
+            raise _refuse(owned, out, errno.EMSGSIZE, f"message larger than {MAX_HEADER} bytes")
+        kind, rest = data[:1], data[1:]
+        if kind == CONTINUED:
+            if owned:
+                raise _refuse(owned, out, errno.EPROTO, "fds arrived with a continuation datagram")
+            pending += rest
+            continue
+        text = bytes(pending) + rest if kind == PART else data  # a bare "{...}": an older sender
+        pending.clear()
+        parts += 1
+        if parts > MAX_PARTS:
+            raise _refuse(owned, out, errno.EMSGSIZE, f"more than {MAX_PARTS} parts in one message")
         try:
-            body = json.loads(data)
+            body = json.loads(text)
             names = body["names"]
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise TypeError
+            if not isinstance(body.get("manifest", {}), dict):
+                raise TypeError
         except (ValueError, KeyError, TypeError):
-            for f in owned:
-                f.close()
-            out.close()
-            raise HandoffError(errno.EPROTO, "fd hand-off", "message", "not a hand-off message") from None
+            raise _refuse(owned, out, errno.EPROTO, "not a hand-off message") from None
         if len(names) != len(owned):
             for f in owned:
                 f.close()

@@ -163,16 +163,19 @@ class Holder:
         self.path = path
 
     @classmethod
-    def spawn(cls, path: str, timeout: float = 10.0) -> Holder:
+    def spawn(cls, path: str, timeout: float = 10.0, request_timeout: float | None = None) -> Holder:
         """Start a detached holder daemon at ``path`` (replacing a stale socket) and wait for it."""
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
-        subprocess.Popen(
-            [sys.executable, "-m", "pyvfio_lu.holder", "--socket", path, "--uid", str(os.getuid())],
+        # --detach: the process started here forks the daemon and exits, so it is reaped here
+        # (no "subprocess is still running" ResourceWarning) and the daemon is nobody's child
+        subprocess.run(
+            [sys.executable, "-m", "pyvfio_lu.holder", "--socket", path, "--uid", str(os.getuid()), "--detach",
+             *(["--request-timeout", str(request_timeout)] if request_timeout is not None else [])],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True, close_fds=True,
+            start_new_session=True, close_fds=True, check=False, timeout=timeout,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -302,69 +305,151 @@ class _Ledger:
         return True
 
 
-def serve(path: str, expected_uid: int | None) -> None:
-    """The holder daemon's loop (``python -m pyvfio_lu.holder``)."""
-    held: dict[str, OwnedFd] = {}
-    manifest: dict[str, dict] = {}
-    book = _Ledger(path)
-    book.ensure()
-    server = handoff.listen(path)
+REQUEST_TIMEOUT = 10.0  # seconds a client may take to send its request (a stalled peer is dropped)
+
+
+class _HolderState:
+    """What the daemon holds: name -> fd and manifest entry, and its ledger."""
+
+    def __init__(self, path: str):
+        self.held: dict[str, OwnedFd] = {}
+        self.manifest: dict[str, dict] = {}
+        self.book = _Ledger(path)
+
+    def hold(self, msg: handoff.Message) -> dict[str, Any]:
+        """All or nothing: every fd is checked before anything is held; a refusal leaves
+        what was held as it was (and closes the fds of the refused request)."""
+        lent = msg.fds.pop(LIVEUPDATE_KEY, None)
+        if lent is not None:
+            self.book.ensure(lent.fileno())
+            lent.close()
+        entries = msg.header.get("manifest") or {}
+        problems = []
+        for name, f in msg.fds.items():
+            if name in self.held:
+                problems.append(f"{name!r} is already held (release it first)")
+            elif name.startswith(handoff.SESSION_PREFIX):
+                problems += _check_session_fd(name, f.fileno())
+            entry = entries.get(name, {})
+            if not isinstance(entry, dict):
+                problems.append(f"the manifest entry of {name!r} is not an object")
+        if problems:
+            msg.close()
+            return {"ok": False, "error": "hold refused, nothing changed: " + "; ".join(problems[:20])
+                    + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")}
+        for name, f in msg.fds.items():
+            self.held[name] = f
+            self.manifest[name] = entries.get(name, {})
+        msg.fds.clear()
+        return {"ok": True, "ledger": self.book.update(self.manifest)}
+
+    def fetch(self, targets: list) -> tuple[dict[str, Any], list[int]]:
+        missing = [n for n in targets if n not in self.held]
+        if missing:
+            return {"ok": False, "error": f"not held: {', '.join(map(str, missing[:20]))}"}, []
+        return {"ok": True, "names": targets}, [self.held[n].fileno() for n in targets]
+
+    def release(self, targets: list) -> dict[str, Any]:
+        for n in targets:
+            if n in self.held:
+                self.held.pop(n).close()
+                self.manifest.pop(n, None)
+        self.book.update(self.manifest)
+        return {"ok": True}
+
+    def close_all(self) -> None:
+        for f in self.held.values():
+            f.close()
+        self.held.clear()
+        if self.book.writer is not None:
+            self.book.writer.close()
+
+
+def _check_session_fd(name: str, fd: int) -> list[str]:
+    """[] when ``fd`` is the LUO session ``name`` names; else why not."""
+    from .ioctl import FdKind, fd_kind
+    from .luo import get_name
+
+    try:
+        kind, link = fd_kind(fd)
+        if kind is not FdKind.LUO_SESSION:
+            return [f"{name!r} is not a LUO session fd ({link})"]
+        real = get_name(fd)
+    except PyvfioError as exc:
+        return [f"{name!r}: {exc}"]
+    if handoff.session_key(real) != name:
+        return [f"{name!r} is session {real!r} according to the kernel"]
+    return []
+
+
+def serve(path: str, expected_uid: int | None, request_timeout: float = REQUEST_TIMEOUT) -> None:
+    """The holder daemon's loop (``python -m pyvfio_lu.holder``).
+
+    One request per connection, handled in turn. Whatever a client sends (a wrong uid, a
+    truncated, oversized or malformed message, more fds than names, fds of the wrong kind, a
+    name already held, nothing at all within REQUEST_TIMEOUT) is refused with a reason and
+    changes nothing that is held; no request can end the daemon but ``stop``.
+    """
+    import logging
+
+    log = logging.getLogger("pyvfio_lu.holder")
+    state = _HolderState(path)
+    state.book.ensure()
+    server = handoff.listen(path, backlog=64)
     while True:
-        conn, _ = server.accept()
+        try:
+            conn, _ = server.accept()
+        except OSError as exc:  # EMFILE under a flood: wait for fds to free up
+            log.warning("accept failed: %s", exc)
+            time.sleep(0.1)
+            continue
         with conn:
+            conn.settimeout(request_timeout)
             try:
                 handoff.check_peer(conn, expected_uid)
                 msg = handoff.recv_message(conn)
-            except OSError:
+            except PyvfioError as exc:
+                _reply(conn, {"ok": False, "error": str(exc)})
+                continue
+            except OSError:  # timeout, reset: the client is gone
                 continue
             if msg is None:
                 continue
-            op = msg.header.get("op")
-            targets = msg.header.get("targets", [])
-            reply: dict[str, Any] = {"ok": True}
             out_fds: list[int] = []
-            if op == "hold":
-                lent = msg.fds.pop(LIVEUPDATE_KEY, None)
-                if lent is not None:
-                    book.ensure(lent.fileno())
-                    lent.close()
-                for name, f in msg.fds.items():
-                    if name in held:
-                        held[name].close()
-                    held[name] = f
-                    manifest[name] = msg.header.get("manifest", {}).get(name, {})
-                reply["ledger"] = book.update(manifest)
-            elif op == "list":
-                reply["manifest"] = manifest
-            elif op == "fetch":
-                missing = [n for n in targets if n not in held]
-                if missing:
-                    reply = {"ok": False, "error": f"not held: {', '.join(missing)}"}
-                else:
-                    reply["names"] = targets
-                    out_fds = [held[n].fileno() for n in targets]
-            elif op == "release":
-                for n in targets:
-                    if n in held:
-                        held.pop(n).close()
-                        manifest.pop(n, None)
-                book.update(manifest)
-            elif op == "stop":
-                handoff.send_message(conn, reply)
-                for f in held.values():
-                    f.close()
-                if book.writer is not None:
-                    book.writer.close()
-                server.close()
-                os.unlink(path)
-                return
-            else:
-                reply = {"ok": False, "error": f"unknown op {op!r}"}
-                msg.close()
             try:
-                handoff.send_message(conn, reply, out_fds)
-            except OSError:
-                pass
+                op = msg.header.get("op")
+                targets = msg.header.get("targets", [])
+                if not isinstance(targets, list):
+                    targets = []
+                if op == "hold":
+                    reply = state.hold(msg)
+                elif op == "list":
+                    reply = {"ok": True, "manifest": state.manifest}
+                elif op == "fetch":
+                    reply, out_fds = state.fetch(targets)
+                elif op == "release":
+                    reply = state.release(targets)
+                elif op == "stop":
+                    msg.close()
+                    _reply(conn, {"ok": True})
+                    state.close_all()
+                    server.close()
+                    os.unlink(path)
+                    return
+                else:
+                    reply = {"ok": False, "error": f"unknown op {op!r}"}
+            except Exception as exc:  # noqa: BLE001 - a bad request must never end the daemon
+                log.exception("request failed")
+                reply = {"ok": False, "error": f"request failed in the holder: {type(exc).__name__}: {exc}"}
+            msg.close()  # fds the request brought and the holder did not keep
+            _reply(conn, reply, out_fds)
+
+
+def _reply(conn, reply: dict[str, Any], fds: list[int] = ()) -> None:
+    try:
+        handoff.send_message(conn, reply, fds)
+    except OSError:
+        pass  # the client went away; nothing held changes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,11 +458,34 @@ def main(argv: list[str] | None = None) -> int:
         description="Hold LUO session fds (and any other fds) until the kexec. Clients use pyvfio_lu.holder.Holder.")
     parser.add_argument("--socket", required=True, help="Unix socket path to listen on (created mode 0600)")
     parser.add_argument("--uid", type=int, default=os.getuid(), help="only this uid may talk to the holder (default: own uid)")
+    parser.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT, metavar="S",
+                        help=f"drop a client that has not sent its whole request within S seconds (default {REQUEST_TIMEOUT:.0f})")
+    parser.add_argument("--detach", action="store_true",
+                        help="fork into the background (new session) and return at once")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="pyvfio-lu holder: %(message)s")
+    if args.detach and os.fork():
+        os._exit(0)  # the caller waits for this process only; the daemon goes on
+    if args.detach:
+        os.setsid()
+    # Ending the holder un-preserves everything it holds, so only the `stop` request ends it:
+    # SIGINT, SIGHUP and SIGTERM are ignored (and logged). SIGKILL cannot be: it loses every
+    # session held here, silently to the kernel (see the README).
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, _ignored_signal)
     raise_nofile_limit()
-    serve(args.socket, args.uid)
+    serve(args.socket, args.uid, args.request_timeout)
     return 0
+
+
+def _ignored_signal(signum: int, _frame: object) -> None:
+    import logging
+
+    logging.getLogger("pyvfio_lu.holder").warning(
+        "ignored %s: ending the holder would un-preserve every session it holds; send it the "
+        "'stop' request (Holder(path).stop()) to end it", signal.Signals(signum).name)
 
 
 if __name__ == "__main__":

@@ -356,8 +356,31 @@ class Iommu:
                         length=size, target=target).length
         else:
             done = call(self.kind, self.fileno(), "VFIO_IOMMU_UNMAP_DMA", iova=iova, size=size, target=target).size
-        self._forget(iova, size)
+        if done == 0:  # type1 answers 0 bytes for a range with nothing mapped; iommufd says ENOENT
+            raise NotFound(errno.ENOENT, "DMA unmap", target(), "nothing is mapped in that IOVA range")
+        self._forget_done(iova, size, done)
         return done
+
+    def _forget_done(self, iova: int, size: int, done: int) -> None:
+        """Bookkeeping after an unmap, following what the kernel does: every mapping whose
+        first IOVA lies in [iova, iova+size) is gone whole (type1 v1 unmaps a mapping whole
+        when the request covers its first IOVA, even if it ends inside it; type1 v2 and
+        iommufd refuse a request that cuts a mapping), and ``done`` is their total size."""
+        m = self.mappings.get(iova)
+        if m is not None and m.size == size == done:  # the usual case
+            del self.mappings[iova]
+            self._release(m)
+            return
+        end = iova + size - 1
+        gone = [s for s in self.mappings if iova <= s <= end]
+        if sum(self.mappings[s].size for s in gone) != done:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "%s: the kernel unmapped %#x bytes at %#x, the bookkeeping expected %#x", self.target, done, iova,
+                sum(self.mappings[s].size for s in gone))
+        for start in gone:
+            self._release(self.mappings.pop(start))
 
     def unmap_all(self) -> int:
         """Unmap everything; returns the bytes unmapped."""

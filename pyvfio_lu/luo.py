@@ -63,8 +63,20 @@ warnings.filterwarnings("default", category=PreservationLost)
 
 
 def encode_name(name: str | bytes) -> bytes:
-    """A session name as the kernel wants it: 1..63 bytes, no NUL; InvalidSessionName otherwise."""
-    raw = name.encode() if isinstance(name, str) else bytes(name)
+    """A session name as the kernel wants it: 1..63 bytes, no NUL; InvalidSessionName otherwise.
+
+    Names are bytes to the kernel. A ``Session.name`` is their lossless text form: UTF-8, with
+    any other byte kept as a surrogate escape (``b"x-\\xff"`` is ``"x-\\udcff"``), so two
+    different byte names never share a ``.name`` and ``encode_name(s.name)`` gives the bytes back.
+    """
+    if not isinstance(name, (str, bytes, bytearray)):
+        raise InvalidSessionName(errno.EINVAL, "session name", repr(name)[:80],
+                                 f"a session name is str or bytes, not {type(name).__name__}")
+    try:
+        raw = name.encode(errors="surrogateescape") if isinstance(name, str) else bytes(name)
+    except UnicodeEncodeError:
+        raise InvalidSessionName(errno.EINVAL, "session name", repr(name)[:80],
+                                 "the name cannot be encoded as bytes (a lone surrogate that is not an escaped byte)") from None
     if not 1 <= len(raw) <= NAME_MAX or b"\0" in raw:
         raise InvalidSessionName(
             errno.EINVAL, "session name", repr(name),
@@ -136,7 +148,7 @@ class LiveUpdate:
         raw = encode_name(name)
         arg = call(FdKind.LUO_DEVICE, self.fileno(), "LIVEUPDATE_IOCTL_CREATE_SESSION",
                    target=f"{self.path} (session {raw.decode(errors='replace')!r})", name=raw)
-        return Session(arg.fd, raw.decode(errors="replace"), OUTGOING)
+        return Session(arg.fd, raw.decode(errors="surrogateescape"), OUTGOING)
 
     def retrieve_session(self, name: str | bytes) -> "Session":
         """An incoming session handed over by the previous kernel.
@@ -147,7 +159,7 @@ class LiveUpdate:
         raw = encode_name(name)
         arg = call(FdKind.LUO_DEVICE, self.fileno(), "LIVEUPDATE_IOCTL_RETRIEVE_SESSION",
                    target=f"{self.path} (session {raw.decode(errors='replace')!r})", name=raw)
-        return Session(arg.fd, raw.decode(errors="replace"), INCOMING)
+        return Session(arg.fd, raw.decode(errors="surrogateescape"), INCOMING)
 
     def close(self) -> None:
         self._fd.close()
@@ -357,7 +369,7 @@ class Session:
 
             logging.getLogger(__name__).error(msg)
             warnings.warn(msg, PreservationLost, stacklevel=2)
-        self._preserved.clear()
+        self._forget_devices()
         fd.close()
 
     def __repr__(self) -> str:
@@ -368,7 +380,7 @@ class Session:
 
 def get_name(fd: int, target: str = "") -> str:
     arg = call(FdKind.LUO_SESSION, fd, "LIVEUPDATE_SESSION_GET_NAME", target=target or (lambda: f"session fd {fd}"))
-    return ffi.string(ffi.cast("char *", arg.name), 64).decode(errors="replace")
+    return ffi.string(ffi.cast("char *", arg.name), 64).decode(errors="surrogateescape")
 
 
 def _describe(fd: int) -> str:

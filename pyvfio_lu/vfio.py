@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 from ._cffi import ffi, lib
 from .caps import walk_caps
 from .errors import (
+    BadArgumentType,
     DeviceFrozen,
     DeviceNotBound,
     DevicePreserved,
@@ -41,6 +42,7 @@ from .errors import (
     PyvfioError,
     TryAgain,
     VfioPreservationUnsupported,
+    check_int,
     error_for,
 )
 from .fd import OwnedFd
@@ -48,6 +50,19 @@ from .iommu import Iommu
 from .ioctl import FdKind, call, fd_kind
 from .preservation import bdf_of_cdev, bdf_of_fd
 from .sysfs import PciDevice, parse_bdf
+
+U32_MAX, U64_MAX = 2**32 - 1, 2**64 - 1
+CDEV_DIR = "/dev/vfio/devices/"
+
+
+def _check_cdev_path(path: str) -> None:
+    """Only ``/dev/vfio/devices/vfioN`` itself: no ``..``, no other directory, no link."""
+    import re
+
+    if not re.fullmatch(r"/dev/vfio/devices/vfio\d+", path):
+        raise InvalidArgument(errno.EINVAL, "VfioDevice.open", path,
+                              "a cdev path is /dev/vfio/devices/vfioN exactly (no '..', no other directory)")
+
 
 # PCI configuration space
 PCI_COMMAND = 0x04
@@ -198,6 +213,10 @@ class Bar:
         return bool(self._maps)
 
     def _check(self, offset: int, width: int) -> None:
+        if width not in _READ:
+            raise InvalidArgument(errno.EINVAL, f"BAR{self.info.index} access", self.device.name,
+                                  f"width {width!r} is not 1, 2, 4 or 8 bytes")
+        check_int(offset, "offset", 0, U64_MAX, f"BAR{self.info.index} access", self.device.name)
         if offset < 0 or offset + width > self.size:
             raise InvalidArgument(errno.EINVAL, f"BAR{self.info.index} access", self.device.name,
                                   f"offset {offset:#x}+{width} outside the {self.size:#x}-byte BAR")
@@ -222,6 +241,8 @@ class Bar:
 
     def write(self, offset: int, value: int, width: int) -> None:
         self._check(offset, width)
+        check_int(value, f"{width * 8}-bit value", 0, (1 << (width * 8)) - 1, f"BAR{self.info.index} write",
+                  self.device.name)
         ptr, off = self._ptr_for(offset, width)
         if ptr is not None:
             _WRITE[width](ptr, off, value)
@@ -344,6 +365,13 @@ class VfioDevice:
         and get the device fd with VFIO_GROUP_GET_DEVICE_FD. DevicePreserved (EBUSY) when
         the device was preserved by a live update and is still in its incoming session.
         """
+        if isinstance(device, os.PathLike):
+            device = os.fspath(device)
+        if not isinstance(device, str):
+            raise BadArgumentType(errno.EINVAL, "VfioDevice.open", repr(device)[:80],
+                                  f"a device is a PCI address or a /dev/vfio/devices/vfioN path, not {type(device).__name__}")
+        if device.startswith("/"):
+            _check_cdev_path(device)
         owns = not isinstance(iommu, Iommu)
         iommu = iommu if isinstance(iommu, Iommu) else Iommu(iommu or "iommufd")
         try:
@@ -370,9 +398,14 @@ class VfioDevice:
     @classmethod
     def _open_cdev(cls, path: str, bdf: str | None, iommu: Iommu, owns: bool) -> "VfioDevice":
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError as exc:
             raise _open_error(exc, "open VFIO device", bdf or path) from None
+        import stat
+
+        if not stat.S_ISCHR(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise InvalidArgument(errno.ENOTTY, "VfioDevice.open", path, "not a character device")
         dev = cls(fd, iommu=iommu, bdf=bdf, cdev=True, bound=False, owns_iommu=owns, path=path)
         try:
             dev.bind(iommu)
@@ -500,6 +533,7 @@ class VfioDevice:
 
     def region_info(self, index: int) -> RegionInfo:
         """Region ``index`` (grow-and-retry for capabilities)."""
+        check_int(index, "region index", 0, U32_MAX, "VFIO_DEVICE_GET_REGION_INFO", self.name)
         arg = self._call("VFIO_DEVICE_GET_REGION_INFO", index=index)
         base = ffi.sizeof("struct vfio_region_info")
         if arg.flags & lib.VFIO_REGION_INFO_FLAG_CAPS and arg.argsz > base:
@@ -510,6 +544,7 @@ class VfioDevice:
         return info
 
     def irq_info(self, index: int) -> IrqInfo:
+        check_int(index, "IRQ index", 0, U32_MAX, "VFIO_DEVICE_GET_IRQ_INFO", self.name)
         arg = self._call("VFIO_DEVICE_GET_IRQ_INFO", index=index)
         return IrqInfo(index, arg.flags, arg.count)
 
@@ -519,6 +554,8 @@ class VfioDevice:
     # --- region access -----------------------------------------------------------------------
     def region_read(self, index: int, offset: int, size: int) -> bytes:
         """pread from a region (for regions that cannot be mapped, and config space)."""
+        check_int(offset, "offset", 0, U64_MAX, f"read region {index}", self.name)
+        check_int(size, "size", 0, 1 << 30, f"read region {index}", self.name)
         r = self._region(index)
         if offset < 0 or offset + size > r.size:
             raise InvalidArgument(errno.EINVAL, f"read region {index}", self.name,
@@ -535,6 +572,10 @@ class VfioDevice:
         return data
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
+        check_int(offset, "offset", 0, U64_MAX, f"write region {index}", self.name)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise BadArgumentType(errno.EINVAL, f"write region {index}", self.name,
+                                  f"data must be bytes, not {type(data).__name__}")
         r = self._region(index)
         if offset < 0 or offset + len(data) > r.size:
             raise InvalidArgument(errno.EINVAL, f"write region {index}", self.name,
@@ -549,13 +590,16 @@ class VfioDevice:
 
     def config_read(self, offset: int, width: int = 4) -> int:
         """Read 1, 2 or 4 bytes of PCI config space (little-endian)."""
+        check_int(offset, "config offset", 0, 0xFFFF, "config read", self.name)
         if width not in (1, 2, 4) or offset % width:
             raise InvalidArgument(errno.EINVAL, "config read", self.name, f"width {width} at offset {offset:#x}")
         return int.from_bytes(self.region_read(lib.VFIO_PCI_CONFIG_REGION_INDEX, offset, width), "little")
 
     def config_write(self, offset: int, value: int, width: int = 4) -> None:
+        check_int(offset, "config offset", 0, 0xFFFF, "config write", self.name)
         if width not in (1, 2, 4) or offset % width:
             raise InvalidArgument(errno.EINVAL, "config write", self.name, f"width {width} at offset {offset:#x}")
+        check_int(value, f"{width * 8}-bit value", 0, (1 << (width * 8)) - 1, "config write", self.name)
         self.region_write(lib.VFIO_PCI_CONFIG_REGION_INDEX, offset, value.to_bytes(width, "little"))
 
     def enable_bus_master(self, enable: bool = True) -> None:
@@ -586,6 +630,7 @@ class VfioDevice:
     # --- interrupts ------------------------------------------------------------------------
     def enable_irq(self, index: int, count: int = 1) -> list[EventFd]:
         """Route vectors 0..count-1 of IRQ ``index`` (INTx=0, MSI=1, MSI-X=2, ERR=3, REQ=4) to new eventfds."""
+        check_int(count, "vector count", 1, U32_MAX, "enable IRQ", self.name)
         info = self.irq_info(index)
         if not 1 <= count <= info.count:
             raise InvalidArgument(errno.EINVAL, "enable IRQ", self.name,

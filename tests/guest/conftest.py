@@ -32,3 +32,19 @@ def edu_for():
         return bdf
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def no_device_left_preserved():
+    """Fail a test that leaves a VFIO device preserved by a session of this process (it would
+    stay the session's until the kexec and break every later test that opens it). Sessions
+    handed to a holder (carry.hold) are not this process's any more."""
+    yield
+    from pyvfio_lu import preservation
+
+    left = dict(preservation._LOCAL)
+    if left:
+        preservation._LOCAL.clear()
+        pytest.fail("the test left VFIO devices preserved by open sessions of this process: "
+                    + ", ".join(f"{bdf} in session {s!r} token {t:#x}" for bdf, (s, t) in left.items())
+                    + "; close the session (or hand it to a holder) before the test ends")

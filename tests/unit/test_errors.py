@@ -49,6 +49,9 @@ EXPECTED_BY_OPERATION = {
     ("reboot(RB_KEXEC)", errno.EPERM): E.KexecNotPermitted,
     ("open VFIO device", errno.EBUSY): E.DevicePreserved,
     ("VFIO_GROUP_GET_DEVICE_FD", errno.EBUSY): E.DevicePreserved,
+    ("IOMMU_IOAS_MAP", errno.EEXIST): E.MappingExists,
+    ("IOMMU_IOAS_MAP_FILE", errno.EEXIST): E.MappingExists,
+    ("VFIO_IOMMU_MAP_DMA", errno.EEXIST): E.MappingExists,
 }
 
 # class -> the builtin OSError subclass (or other builtin) it must also be
@@ -70,6 +73,9 @@ EXPECTED_BUILTIN = {
     E.DevicePreserved: E.Busy,
     E.UnsafeOperation: ValueError,
     E.WrongFdKind: TypeError,
+    E.MappingExists: FileExistsError,
+    E.BadArgumentType: TypeError,
+    E.ArgumentOutOfRange: ValueError,
 }
 
 
