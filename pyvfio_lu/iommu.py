@@ -362,25 +362,62 @@ class Iommu:
         return done
 
     def _forget_done(self, iova: int, size: int, done: int) -> None:
-        """Bookkeeping after an unmap, following what the kernel does: every mapping whose
-        first IOVA lies in [iova, iova+size) is gone whole (type1 v1 unmaps a mapping whole
-        when the request covers its first IOVA, even if it ends inside it; type1 v2 and
-        iommufd refuse a request that cuts a mapping), and ``done`` is their total size."""
+        """Bookkeeping after an unmap, following what the kernel did (``done`` bytes):
+
+        - type1 v2 and iommufd refuse a request that cuts a mapping, so whole mappings went;
+        - type1 v1 unmaps whole every mapping whose first IOVA the request covers (the total
+          is then their size);
+        - iommufd's type1 v1 compatibility cuts mappings to exactly the request (the total is
+          then the requested size): the parts outside it stay mapped, and stay listed.
+        When the total fits neither, every overlapping mapping is kept listed (so no buffer
+        can be freed while the device may still reach it) and a warning is logged.
+        """
         m = self.mappings.get(iova)
         if m is not None and m.size == size == done:  # the usual case
             del self.mappings[iova]
             self._release(m)
             return
         end = iova + size - 1
-        gone = [s for s in self.mappings if iova <= s <= end]
-        if sum(self.mappings[s].size for s in gone) != done:
+        starting = [s for s in self.mappings if iova <= s <= end]
+        overlapping = [s for s, mp in self.mappings.items() if s <= end and s + mp.size - 1 >= iova]
+        whole = sum(self.mappings[s].size for s in starting)
+        cuts = set(overlapping) != set(starting) or any(s + self.mappings[s].size - 1 > end for s in starting)
+        if cuts and done == size:  # cut to exactly the request
+            for s0 in overlapping:
+                self._cut(self.mappings.pop(s0), iova, end)
+        elif done == whole:  # whole mappings went
+            for s0 in starting:
+                self._release(self.mappings.pop(s0))
+        else:
             import logging
 
             logging.getLogger(__name__).warning(
-                "%s: the kernel unmapped %#x bytes at %#x, the bookkeeping expected %#x", self.target, done, iova,
-                sum(self.mappings[s].size for s in gone))
-        for start in gone:
-            self._release(self.mappings.pop(start))
+                "%s: the kernel unmapped %#x bytes for [%#x, %#x]; keeping every overlapping mapping listed",
+                self.target, done, iova, end)
+
+    def _cut(self, m: Mapping, lo: int, hi: int) -> None:
+        """Re-list what is left of ``m`` once [lo, hi] is unmapped from it (0, 1 or 2 parts)."""
+        parts = []
+        if m.iova < lo:
+            parts.append((m.iova, lo - m.iova))
+        if m.iova + m.size - 1 > hi:
+            parts.append((hi + 1, m.iova + m.size - 1 - hi))
+        keep = m.keepalive
+        file_entry = keep is not None and keep[0] is _FILE
+        if file_entry:
+            maps = _FILE_MAPS.get(keep[1], {})
+            maps.pop((id(self), m.iova), None)
+        for start, length in parts:
+            delta = start - m.iova
+            vaddr = None if m.vaddr is None else m.vaddr + delta
+            k = (_FILE, keep[1], keep[2] + delta) if file_entry else keep
+            self.mappings[start] = Mapping(start, length, vaddr, k)
+            if file_entry:
+                _FILE_MAPS.setdefault(keep[1], {})[(id(self), start)] = (start, length, keep[2] + delta)
+        if not parts:
+            self._release(m)
+        elif file_entry and not _FILE_MAPS.get(keep[1]):
+            _FILE_MAPS.pop(keep[1], None)
 
     def unmap_all(self) -> int:
         """Unmap everything; returns the bytes unmapped."""

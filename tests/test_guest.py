@@ -119,7 +119,7 @@ def _run_guest(flavour: str, iommu: str) -> dict:
     return {"tests": tests, "error": error, "console": console, "tail": tail}
 
 
-@pytest.mark.parametrize("nodeid", GUEST_TESTS)
+@pytest.mark.parametrize("nodeid", GUEST_TESTS, ids=GUEST_TESTS)  # explicit: pytest shortens long ids to "nodeidN"
 @pytest.mark.parametrize("flavour,iommu", RUNS, ids=[f"{f}-{i}" for f, i in RUNS])
 def test_in_guest(flavour: str, iommu: str, nodeid: str, guest_results) -> None:
     guest_results = guest_results(flavour, iommu)
