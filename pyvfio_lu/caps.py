@@ -18,6 +18,13 @@ HEADER = ffi.sizeof("struct vfio_info_cap_header")
 def walk_caps(info: Any, first: int) -> Iterator[tuple[int, int, Any]]:
     """(id, version, pointer to the capability) for each capability of an info struct whose
     ``argsz`` covers the chain; guarded against loops and offsets outside the buffer."""
+    for cid, version, ptr, _room in walk_caps_sized(info, first):
+        yield cid, version, ptr
+
+
+def walk_caps_sized(info: Any, first: int) -> Iterator[tuple[int, int, Any, int]]:
+    """:func:`walk_caps` with the bytes from each capability to the end of the buffer, so a
+    decoder can check that what the capability claims to hold fits (see :func:`cap_items`)."""
     base = ffi.cast("char *", info)
     size = info.argsz
     offset, seen = first, set()
@@ -27,5 +34,19 @@ def walk_caps(info: Any, first: int) -> Iterator[tuple[int, int, Any]]:
                               f"capability chain is malformed (offset {offset}, buffer {size} bytes)")
         seen.add(offset)
         hdr = ffi.cast("struct vfio_info_cap_header *", base + offset)
-        yield hdr.id, hdr.version, base + offset
+        yield hdr.id, hdr.version, base + offset, size - offset
         offset = hdr.next
+
+
+def cap_items(room: int, struct: str, count: int, item: str) -> int:
+    """``count`` if ``struct`` followed by ``count`` ``item``s fits in ``room`` bytes, else a
+    PyvfioError (EPROTO): a capability that claims more than its buffer holds is malformed."""
+    need = ffi.sizeof(f"struct {struct}") + count * ffi.sizeof(f"struct {item}")
+    if need > room:
+        raise PyvfioError(errno.EPROTO, "decode VFIO capability", f"struct {struct}",
+                          f"claims {count} entries ({need} bytes) but only {room} bytes are left in the buffer")
+    return count
+
+
+def cap_fits(room: int, struct: str) -> None:
+    cap_items(room, struct, 0, "vfio_info_cap_header")

@@ -159,8 +159,16 @@ def recv_message(sock: socket.socket) -> Message | None:
 
     HandoffError (and every fd received so far closed) for a truncated, oversized or
     malformed message, or one with a different number of fds than names."""
-    header: dict[str, Any] | None = None
     out = Message({})
+    try:
+        return _recv_message(sock, out)
+    except BaseException:
+        out.close()  # a timeout or reset in the middle: nothing received stays open
+        raise
+
+
+def _recv_message(sock: socket.socket, out: Message) -> Message | None:
+    header: dict[str, Any] | None = None
     pending = bytearray()
     total = parts = 0
     while True:

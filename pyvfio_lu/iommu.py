@@ -251,17 +251,11 @@ class Iommu:
         return info["iova_ranges"]
 
     def _type1_info(self) -> dict:
-        from .caps import walk_caps
-
         arg = call(self.kind, self.fileno(), "VFIO_IOMMU_GET_INFO", target=self.target)
         if arg.flags & lib.VFIO_IOMMU_INFO_CAPS and arg.argsz > ffi.sizeof("struct vfio_iommu_type1_info"):
             extra = arg.argsz - ffi.sizeof("struct vfio_iommu_type1_info")
             arg = call(self.kind, self.fileno(), "VFIO_IOMMU_GET_INFO", extra=extra, target=self.target)
-        ranges: list[IovaRange] = []
-        for cap_id, _version, ptr in walk_caps(arg, arg.cap_offset if arg.flags & lib.VFIO_IOMMU_INFO_CAPS else 0):
-            if cap_id == lib.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE:
-                cap = ffi.cast("struct vfio_iommu_type1_info_cap_iova_range *", ptr)
-                ranges += [IovaRange(cap.iova_ranges[i].start, cap.iova_ranges[i].end) for i in range(cap.nr_iovas)]
+        ranges = _iova_ranges_of(arg, arg.cap_offset if arg.flags & lib.VFIO_IOMMU_INFO_CAPS else 0)
         if not ranges:
             ranges = [IovaRange(0, U64_MAX)]
         return {"iova_pgsizes": arg.iova_pgsizes, "iova_ranges": sorted(ranges)}
@@ -489,6 +483,20 @@ _MISSING = {
     "/dev/vfio/vfio": "this kernel has no VFIO container (CONFIG_VFIO_CONTAINER=y, or load the vfio module); "
                       "the iommufd modes use /dev/iommu instead",
 }
+
+
+def _iova_ranges_of(arg: Any, first: int) -> list[IovaRange]:
+    """The IOVA ranges of a VFIO_IOMMU_GET_INFO answer's capability chain (bounds-checked)."""
+    from .caps import cap_fits, cap_items, walk_caps_sized
+
+    ranges: list[IovaRange] = []
+    for cap_id, _version, ptr, room in walk_caps_sized(arg, first):
+        if cap_id == lib.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE:
+            cap_fits(room, "vfio_iommu_type1_info_cap_iova_range")
+            cap = ffi.cast("struct vfio_iommu_type1_info_cap_iova_range *", ptr)
+            n = cap_items(room, "vfio_iommu_type1_info_cap_iova_range", cap.nr_iovas, "vfio_iova_range")
+            ranges += [IovaRange(cap.iova_ranges[i].start, cap.iova_ranges[i].end) for i in range(n)]
+    return ranges
 
 
 _FILE = "file"  # Mapping.keepalive[0] of a file mapping: (_FILE, (st_dev, st_ino), offset)

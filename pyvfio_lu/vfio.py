@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 from ._cffi import ffi, lib
-from .caps import walk_caps
+from .caps import cap_fits, cap_items, walk_caps_sized
 from .errors import (
     BadArgumentType,
     DeviceFrozen,
@@ -313,21 +313,25 @@ _WRITE = {1: lib.pvl_mmio_write8, 2: lib.pvl_mmio_write16, 4: lib.pvl_mmio_write
 
 
 def _caps_of(arg: Any, first: int, decode) -> tuple[Capability, ...]:
-    return tuple(Capability(cid, ver, decode(cid, ptr)) for cid, ver, ptr in walk_caps(arg, first))
+    return tuple(Capability(cid, ver, decode(cid, ptr, room)) for cid, ver, ptr, room in walk_caps_sized(arg, first))
 
 
-def _region_cap(cid: int, ptr: Any) -> dict:
+def _region_cap(cid: int, ptr: Any, room: int) -> dict:
     if cid == lib.VFIO_REGION_INFO_CAP_SPARSE_MMAP:
+        cap_fits(room, "vfio_region_info_cap_sparse_mmap")
         cap = ffi.cast("struct vfio_region_info_cap_sparse_mmap *", ptr)
-        return {"areas": [(cap.areas[i].offset, cap.areas[i].size) for i in range(cap.nr_areas)]}
+        n = cap_items(room, "vfio_region_info_cap_sparse_mmap", cap.nr_areas, "vfio_region_sparse_mmap_area")
+        return {"areas": [(cap.areas[i].offset, cap.areas[i].size) for i in range(n)]}
     if cid == lib.VFIO_REGION_INFO_CAP_TYPE:
+        cap_fits(room, "vfio_region_info_cap_type")
         cap = ffi.cast("struct vfio_region_info_cap_type *", ptr)
         return {"type": cap.type, "subtype": cap.subtype}
     return {}
 
 
-def _device_cap(cid: int, ptr: Any) -> dict:
+def _device_cap(cid: int, ptr: Any, room: int) -> dict:
     if cid == lib.VFIO_DEVICE_INFO_CAP_PCI_ATOMIC_COMP:
+        cap_fits(room, "vfio_device_info_cap_pci_atomic_comp")
         return {"flags": ffi.cast("struct vfio_device_info_cap_pci_atomic_comp *", ptr).flags}
     return {}
 
