@@ -98,7 +98,11 @@ def listen(path: str, backlog: int = 8) -> socket.socket:
 
 def connect(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sock.connect(path)
+    try:
+        sock.connect(path)
+    except BaseException:
+        sock.close()  # nobody listens there: the socket would otherwise leak until GC
+        raise
     return sock
 
 

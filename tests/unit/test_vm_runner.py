@@ -69,14 +69,16 @@ def test_newc_round_trip_by_parsing() -> None:
 def test_newc_round_trip_with_cpio(tmp_path: Path) -> None:
     archive = tmp_path / "a.cpio"
     archive.write_bytes(newc_archive(SAMPLE))
-    listing = subprocess.run(["cpio", "-it", "--quiet"], stdin=archive.open("rb"),
-                             capture_output=True, text=True, check=True).stdout.split()
+    with archive.open("rb") as fh:
+        listing = subprocess.run(["cpio", "-it", "--quiet"], stdin=fh,
+                                 capture_output=True, text=True, check=True).stdout.split()
     assert listing == [e.name for e in SAMPLE]
     out = tmp_path / "x"
     out.mkdir()
-    subprocess.run(["cpio", "-id", "--quiet", "--no-absolute-filenames"],
-                   stdin=archive.open("rb"), cwd=out, check=True,
-                   capture_output=True)  # the device node may fail unprivileged: checked below
+    with archive.open("rb") as fh:
+        subprocess.run(["cpio", "-id", "--quiet", "--no-absolute-filenames"],
+                       stdin=fh, cwd=out, check=True,
+                       capture_output=True)  # the device node may fail unprivileged: checked below
     assert (out / "bin/tool").read_bytes() == SAMPLE[1].data
     assert (out / "bin/sh").readlink() == Path("tool")
     assert (out / "init").stat().st_mode & 0o111
