@@ -28,9 +28,9 @@ def load(kernel: str, initrd: str | None = None, cmdline: str | None = None) -> 
     KexecImageTooLarge (EADDRNOTAVAIL: the images do not fit the KHO scratch area).
     """
     cmd = current_cmdline() if cmdline is None else cmdline
-    kfd = os.open(kernel, os.O_RDONLY | os.O_CLOEXEC)
+    kfd = _open_image(kernel, "kernel")
     try:
-        ifd = os.open(initrd, os.O_RDONLY | os.O_CLOEXEC) if initrd else -1
+        ifd = _open_image(initrd, "initramfs") if initrd else -1
         try:
             flags = 0 if initrd else lib.PVL_KEXEC_FILE_NO_INITRAMFS
             ret = lib.pvl_kexec_file_load(kfd, ifd, ffi.new("char[]", cmd.encode()), flags)
@@ -41,6 +41,17 @@ def load(kernel: str, initrd: str | None = None, cmdline: str | None = None) -> 
         os.close(kfd)
     if ret < 0:
         raise error_for(-ret, "kexec_file_load", kernel)
+
+
+def _open_image(path: str, what: str) -> int:
+    """An image file opened for kexec_file_load; a missing or unreadable one is a KexecError."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise KexecError(exc.errno, "kexec_file_load", path,
+                         f"cannot open the {what} image: {os.strerror(exc.errno or 0)}") from None
+    except (TypeError, ValueError) as exc:
+        raise KexecError(22, "kexec_file_load", repr(path)[:80], f"not a {what} image path: {exc}") from None
 
 
 def unload() -> None:
