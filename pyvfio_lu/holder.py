@@ -70,7 +70,7 @@ def daemonize_and_hold(*files: FileLike) -> int:
         from . import ledger
 
         ledger.mirror_outgoing(writer.name, doc)
-        writer.session.detach()  # the daemon holds the ledger session now
+        os.close(writer.session.detach())  # the daemon holds the ledger session now
     return daemon
 
 

@@ -30,6 +30,7 @@ _stage2: dict = {}  # state shared by the ordered after_kexec parts of one class
 _kept: list = []  # objects stage 1 keeps open until the process exits (no unmap before the kexec)
 
 
+@pytest.mark.keeps_fds  # the after_kexec steps share the session, the device and the RAM
 class TestDeviceFlow:
     """One device and its guest RAM through the whole flow, one step per test after the kexec."""
 
@@ -206,6 +207,7 @@ class TestDeviceWith500Memfds:
                 assert edu.Edu(dev).identify() == edu.ID
 
 
+@pytest.mark.keeps_fds  # stage 1 keeps the device and RAM open under the running DMA
 class TestDeviceBusyWithDmaAtKexec:
     """A child process keeps the device doing DMA into preserved RAM until the kexec freezes it
     (its BAR mapping is revoked then: the child dies of it, the kexec goes on)."""

@@ -228,11 +228,12 @@ class TestFailedCallsLoseNothing:
         keep = Memfd.create("keep", b"must survive")
         s.preserve(keep, 1)
         other = luo.create_session("robust-other")
+        null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         failures = [
             (errors.TokenInUse, lambda: s.preserve(Memfd.create("dup"), 1)),
             (errors.AlreadyPreserved, lambda: s.preserve(keep, 2)),
             (errors.AlreadyPreserved, lambda: other.preserve(keep, 1)),
-            (errors.NotPreservable, lambda: s.preserve(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC), 3)),
+            (errors.NotPreservable, lambda: s.preserve(null, 3)),
             (errors.BadFileDescriptor, lambda: s.preserve(999_999, 4)),
             (errors.InvalidToken, lambda: s.preserve(keep, -5)),
             (errors.WrongSessionDirection, lambda: s.finish()),
@@ -249,6 +250,7 @@ class TestFailedCallsLoseNothing:
                 bad_call()
             assert s.preserved.keys() == {1}, f"after {expected.__name__}"
             assert s.get_name() == "robust"
+        os.close(null)
         later = Memfd.create("later", b"added after the failures")
         s.preserve(later, 2)  # the session still accepts files
         other.close()
