@@ -1,5 +1,5 @@
-"""A VFIO PCI device, whatever the IOMMU mode: info, regions, config space, BARs, IRQs,
-reset, device features, and the VFIO live-update flow.
+"""A VFIO PCI device, whatever the IOMMU mode: opening it, binding, info, regions, config
+space, reset and device features (BARs: bar.py; IRQs: irqs.py; live update: live_update.py).
 
 From "I have a BDF" to "the device DMA'd my buffer"::
 
@@ -21,35 +21,34 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import time
-from collections import namedtuple
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:
     from typing import Any
 
-from ._cffi import ffi, lib
-from .caps import cap_fits, cap_items, walk_caps_sized
-from .errors import (
+from .._cffi import ffi, lib
+from ..errors import (
     BadArgumentType,
     DeviceFrozen,
     DeviceNotBound,
-    DevicePreserved,
     InvalidArgument,
-    NotLiveUpdateReady,
     NotSupported,
     PyvfioError,
     TryAgain,
-    VfioPreservationUnsupported,
     check_int,
     error_for,
 )
-from .fd import OwnedFd
-from .iommu import Iommu
-from .ioctl import FdKind, call, fd_kind
-from .preservation import bdf_of_cdev, bdf_of_fd
-from .sysfs import PciDevice, parse_bdf
+from ..fd import OwnedFd
+from ..iommu import Iommu
+from ..ioctl import FdKind, call, fd_kind  # noqa: F401
+from ..preservation import bdf_of_cdev, bdf_of_fd
+from ..sysfs import PciDevice, parse_bdf
+
+from .bar import Bar
+from .irqs import EventFd, IrqsMixin
+from .live_update import PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, LiveUpdateMixin, _open_error
+from .records import DeviceInfo, IrqInfo, RegionInfo, HotResetDevice, _caps_of, _device_cap, _region_cap
 
 U32_MAX, U64_MAX = 2**32 - 1, 2**64 - 1
 CDEV_DIR = "/dev/vfio/devices/"
@@ -64,279 +63,11 @@ def _check_cdev_path(path: str) -> None:
                               "a cdev path is /dev/vfio/devices/vfioN exactly (no '..', no other directory)")
 
 
-# PCI configuration space
-PCI_COMMAND = 0x04
-PCI_COMMAND_MEMORY = 0x2
-PCI_COMMAND_MASTER = 0x4
-PCI_STATUS = 0x06
-PCI_STATUS_CAP_LIST = 0x10
-PCI_CAPABILITY_LIST = 0x34
-PCI_CAP_ID_PM = 0x01
-PCI_PM_CTRL = 4
-
-
-class Capability(namedtuple("Capability", "id version data")):
-    """One entry of a VFIO capability chain, decoded into ``data`` where the type is known."""
-
-    __slots__ = ()
-
-
-class DeviceInfo(namedtuple("DeviceInfo", "flags num_regions num_irqs caps", defaults=((),))):
-    """VFIO_DEVICE_GET_INFO, decoded."""
-
-    __slots__ = ()
-
-    @property
-    def is_pci(self) -> bool:
-        return bool(self.flags & lib.VFIO_DEVICE_FLAGS_PCI)
-
-    @property
-    def can_reset(self) -> bool:
-        return bool(self.flags & lib.VFIO_DEVICE_FLAGS_RESET)
-
-
-SparseArea = namedtuple("SparseArea", "offset size")
-
-
-class RegionInfo(namedtuple("RegionInfo", "index flags size offset caps", defaults=((),))):
-    """VFIO_DEVICE_GET_REGION_INFO, decoded (``offset`` is where the region lives in the device fd)."""
-
-    __slots__ = ()
-
-    @property
-    def readable(self) -> bool:
-        return bool(self.flags & lib.VFIO_REGION_INFO_FLAG_READ)
-
-    @property
-    def writable(self) -> bool:
-        return bool(self.flags & lib.VFIO_REGION_INFO_FLAG_WRITE)
-
-    @property
-    def mappable(self) -> bool:
-        return bool(self.flags & lib.VFIO_REGION_INFO_FLAG_MMAP)
-
-    @property
-    def sparse_areas(self) -> tuple[SparseArea, ...] | None:
-        for c in self.caps:
-            if c.id == lib.VFIO_REGION_INFO_CAP_SPARSE_MMAP:
-                return tuple(SparseArea(o, s) for o, s in c.data["areas"])
-        return None
-
-    @property
-    def msix_mappable(self) -> bool:
-        return any(c.id == lib.VFIO_REGION_INFO_CAP_MSIX_MAPPABLE for c in self.caps)
-
-    @property
-    def type(self) -> tuple[int, int] | None:
-        for c in self.caps:
-            if c.id == lib.VFIO_REGION_INFO_CAP_TYPE:
-                return c.data["type"], c.data["subtype"]
-        return None
-
-
-class IrqInfo(namedtuple("IrqInfo", "index flags count")):
-    """VFIO_DEVICE_GET_IRQ_INFO, decoded."""
-
-    __slots__ = ()
-
-    @property
-    def maskable(self) -> bool:
-        return bool(self.flags & lib.VFIO_IRQ_INFO_MASKABLE)
-
-    @property
-    def automasked(self) -> bool:
-        return bool(self.flags & lib.VFIO_IRQ_INFO_AUTOMASKED)
-
-    @property
-    def noresize(self) -> bool:
-        return bool(self.flags & lib.VFIO_IRQ_INFO_NORESIZE)
-
-
-class HotResetDevice(namedtuple("HotResetDevice", "id segment bus devfn")):
-    """A device a hot reset affects; ``id`` is its group id, or its device id (cdev) with DEV_ID."""
-
-    __slots__ = ()
-
-    @property
-    def bdf(self) -> str:
-        return f"{self.segment:04x}:{self.bus:02x}:{self.devfn >> 3:02x}.{self.devfn & 7}"
-
-
-class EventFd(OwnedFd):
-    """An eventfd an IRQ is routed to."""
-
-    __slots__ = ()
-
-    @classmethod
-    def create(cls, what: str = "eventfd") -> "EventFd":
-        return cls(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK), what)
-
-    def wait(self, timeout: float | None = None) -> int:
-        """Block until the eventfd fires (or ``timeout`` s pass: TimeoutError); returns the count."""
-        r, _, _ = select.select([self.fileno()], [], [], timeout)
-        if not r:
-            raise TimeoutError(f"{self.what}: no interrupt within {timeout} s")
-        return os.eventfd_read(self.fileno())
-
-    def poll(self) -> int:
-        """The count so far without blocking (0 if none)."""
-        try:
-            return os.eventfd_read(self.fileno())
-        except BlockingIOError:
-            return 0
-
-
-class Bar:
-    """A PCI BAR region: exact-width MMIO through the mapping where the region is mappable
-    (one volatile load or store of exactly 8/16/32/64 bits), ``pread``/``pwrite`` elsewhere."""
-
-    def __init__(self, device: "VfioDevice", info: RegionInfo, mmap: bool = True):
-        self.device = device
-        self.info = info
-        self.size = info.size
-        self._maps: list[tuple[int, int, Any]] = []  # (start, size, pointer)
-        if mmap and info.mappable and info.size:
-            areas = info.sparse_areas or (SparseArea(0, info.size),)
-            try:
-                for a in areas:
-                    self._maps.append((a.offset, a.size, device._mmap_region(info, a.offset, a.size)))
-            except BaseException:
-                self.close()
-                raise
-        self._ptr = self._maps[0][2] if len(self._maps) == 1 and self._maps[0][0] == 0 else None
-        if self._ptr is not None:  # per-instance fast paths, see _fast_read32
-            self.read32 = _fast_read32(self._ptr, self.size, self.read)
-            self.write32 = _fast_write32(self._ptr, self.size, self.write)
-
-    @property
-    def mapped(self) -> bool:
-        return bool(self._maps)
-
-    def _check(self, offset: int, width: int) -> None:
-        if width not in _READ:
-            raise InvalidArgument(errno.EINVAL, f"BAR{self.info.index} access", self.device.name,
-                                  f"width {width!r} is not 1, 2, 4 or 8 bytes")
-        check_int(offset, "offset", 0, U64_MAX, f"BAR{self.info.index} access", self.device.name)
-        if offset < 0 or offset + width > self.size:
-            raise InvalidArgument(errno.EINVAL, f"BAR{self.info.index} access", self.device.name,
-                                  f"offset {offset:#x}+{width} outside the {self.size:#x}-byte BAR")
-        if offset % width:
-            raise InvalidArgument(errno.EINVAL, f"BAR{self.info.index} access", self.device.name,
-                                  f"offset {offset:#x} is not {width}-byte aligned")
-
-    def _ptr_for(self, offset: int, width: int):
-        if self._ptr is not None:
-            return self._ptr, offset
-        for start, size, ptr in self._maps:
-            if start <= offset and offset + width <= start + size:
-                return ptr, offset - start
-        return None, offset
-
-    def read(self, offset: int, width: int) -> int:
-        self._check(offset, width)
-        ptr, off = self._ptr_for(offset, width)
-        if ptr is not None:
-            return _READ[width](ptr, off)
-        return int.from_bytes(self.device.region_read(self.info.index, offset, width), "little")
-
-    def write(self, offset: int, value: int, width: int) -> None:
-        self._check(offset, width)
-        check_int(value, f"{width * 8}-bit value", 0, (1 << (width * 8)) - 1, f"BAR{self.info.index} write",
-                  self.device.name)
-        ptr, off = self._ptr_for(offset, width)
-        if ptr is not None:
-            _WRITE[width](ptr, off, value)
-        else:
-            self.device.region_write(self.info.index, offset, value.to_bytes(width, "little"))
-
-    def read8(self, offset: int) -> int: return self.read(offset, 1)
-    def read16(self, offset: int) -> int: return self.read(offset, 2)
-    def read64(self, offset: int) -> int: return self.read(offset, 8)
-    def write8(self, offset: int, value: int) -> None: self.write(offset, value, 1)
-    def write16(self, offset: int, value: int) -> None: self.write(offset, value, 2)
-    def write64(self, offset: int, value: int) -> None: self.write(offset, value, 8)
-
-    def read32(self, offset: int) -> int:
-        # the hot path, kept flat: bounds, alignment, one volatile 32-bit load
-        ptr = self._ptr
-        if ptr is not None and 0 <= offset <= self.size - 4 and not offset & 3:
-            return lib.pvl_mmio_read32(ptr, offset)
-        return self.read(offset, 4)
-
-    def write32(self, offset: int, value: int) -> None:
-        ptr = self._ptr
-        if ptr is not None and 0 <= offset <= self.size - 4 and not offset & 3:
-            lib.pvl_mmio_write32(ptr, offset, value)
-        else:
-            self.write(offset, value, 4)
-
-    def close(self) -> None:
-        for _start, size, ptr in self._maps:
-            lib.pvl_munmap(ptr, size)
-        self._maps = []
-        self._ptr = None
-        self.__dict__.pop("read32", None)
-        self.__dict__.pop("write32", None)
-
-
 _DEVICE_INFO_SIZE = ffi.sizeof("struct vfio_device_info")
 _DEVICE_FLAGS_CAPS = lib.VFIO_DEVICE_FLAGS_CAPS
 
 
-def _fast_read32(ptr, size: int, slow):
-    """Bar.read32 for a BAR mapped in one piece: the bounds live in closure cells, one cffi
-    call; any other offset goes to the general path (which raises for a bad one)."""
-    load, limit = lib.pvl_mmio_read32, size - 4
-
-    def read32(offset: int) -> int:
-        if 0 <= offset <= limit and not offset & 3:
-            return load(ptr, offset)
-        return slow(offset, 4)
-
-    return read32
-
-
-def _fast_write32(ptr, size: int, slow):
-    store, limit = lib.pvl_mmio_write32, size - 4
-
-    def write32(offset: int, value: int) -> None:
-        if 0 <= offset <= limit and not offset & 3:
-            store(ptr, offset, value)
-        else:
-            slow(offset, value, 4)
-
-    return write32
-
-
-_READ = {1: lib.pvl_mmio_read8, 2: lib.pvl_mmio_read16, 4: lib.pvl_mmio_read32, 8: lib.pvl_mmio_read64}
-_WRITE = {1: lib.pvl_mmio_write8, 2: lib.pvl_mmio_write16, 4: lib.pvl_mmio_write32, 8: lib.pvl_mmio_write64}
-
-
-def _caps_of(arg: Any, first: int, decode) -> tuple[Capability, ...]:
-    return tuple(Capability(cid, ver, decode(cid, ptr, room)) for cid, ver, ptr, room in walk_caps_sized(arg, first))
-
-
-def _region_cap(cid: int, ptr: Any, room: int) -> dict:
-    if cid == lib.VFIO_REGION_INFO_CAP_SPARSE_MMAP:
-        cap_fits(room, "vfio_region_info_cap_sparse_mmap")
-        cap = ffi.cast("struct vfio_region_info_cap_sparse_mmap *", ptr)
-        n = cap_items(room, "vfio_region_info_cap_sparse_mmap", cap.nr_areas, "vfio_region_sparse_mmap_area")
-        return {"areas": [(cap.areas[i].offset, cap.areas[i].size) for i in range(n)]}
-    if cid == lib.VFIO_REGION_INFO_CAP_TYPE:
-        cap_fits(room, "vfio_region_info_cap_type")
-        cap = ffi.cast("struct vfio_region_info_cap_type *", ptr)
-        return {"type": cap.type, "subtype": cap.subtype}
-    return {}
-
-
-def _device_cap(cid: int, ptr: Any, room: int) -> dict:
-    if cid == lib.VFIO_DEVICE_INFO_CAP_PCI_ATOMIC_COMP:
-        cap_fits(room, "vfio_device_info_cap_pci_atomic_comp")
-        return {"flags": ffi.cast("struct vfio_device_info_cap_pci_atomic_comp *", ptr).flags}
-    return {}
-
-
-class VfioDevice:
+class VfioDevice(IrqsMixin, LiveUpdateMixin):
     """One VFIO device fd. Build with :meth:`open` (by BDF or cdev path) or :meth:`from_fd`."""
 
     def __init__(self, fd: int, *, iommu: Iommu | None, bdf: str | None, cdev: bool, bound: bool,
@@ -631,57 +362,6 @@ class VfioDevice:
             self._bars[index] = Bar(self, self.region_info(index), mmap=mmap)
         return self._bars[index]
 
-    # --- interrupts ------------------------------------------------------------------------
-    def enable_irq(self, index: int, count: int = 1) -> list[EventFd]:
-        """Route vectors 0..count-1 of IRQ ``index`` (INTx=0, MSI=1, MSI-X=2, ERR=3, REQ=4) to new eventfds."""
-        check_int(count, "vector count", 1, U32_MAX, "enable IRQ", self.name)
-        info = self.irq_info(index)
-        if not 1 <= count <= info.count:
-            raise InvalidArgument(errno.EINVAL, "enable IRQ", self.name,
-                                  f"IRQ index {index} has {info.count} vectors, asked for {count}")
-        fds = [EventFd.create(f"eventfd for IRQ {index}.{i} of {self.name}") for i in range(count)]
-        payload = b"".join(f.fileno().to_bytes(4, "little", signed=True) for f in fds)
-        try:
-            self._call("VFIO_DEVICE_SET_IRQS",
-                       _irq_set(index, 0, count, lib.VFIO_IRQ_SET_DATA_EVENTFD | lib.VFIO_IRQ_SET_ACTION_TRIGGER,
-                                payload))
-        except BaseException:
-            for f in fds:
-                f.close()
-            raise
-        for f in self._irq_fds.pop(index, []):
-            f.close()
-        self._irq_fds[index] = fds
-        self._irqs_enabled[index] = count
-        return fds
-
-    def disable_irq(self, index: int) -> None:
-        """Tear down every vector of IRQ ``index`` (DATA_NONE|ACTION_TRIGGER, count 0)."""
-        self._call("VFIO_DEVICE_SET_IRQS",
-                   _irq_set(index, 0, 0, lib.VFIO_IRQ_SET_DATA_NONE | lib.VFIO_IRQ_SET_ACTION_TRIGGER))
-        for f in self._irq_fds.pop(index, []):
-            f.close()
-        self._irqs_enabled.pop(index, None)
-
-    def disable_all_irqs(self) -> None:
-        for index in list(self._irqs_enabled):
-            self.disable_irq(index)
-
-    def trigger_irq(self, index: int, vector: int = 0) -> None:
-        """Fire vector ``vector`` of ``index`` from software (loopback test of the eventfd path)."""
-        self._call("VFIO_DEVICE_SET_IRQS",
-                   _irq_set(index, vector, 1, lib.VFIO_IRQ_SET_DATA_NONE | lib.VFIO_IRQ_SET_ACTION_TRIGGER))
-
-    def unmask_irq(self, index: int = 0, vector: int = 0) -> None:
-        """Unmask an (auto-masked) INTx after handling it."""
-        self._call("VFIO_DEVICE_SET_IRQS",
-                   _irq_set(index, vector, 1, lib.VFIO_IRQ_SET_DATA_NONE | lib.VFIO_IRQ_SET_ACTION_UNMASK))
-
-    @property
-    def irqs_enabled(self) -> dict[int, int]:
-        """IRQ index -> vectors enabled through this object."""
-        return dict(self._irqs_enabled)
-
     # --- reset -----------------------------------------------------------------------------
     def reset(self, retries: int = 20, delay: float = 0.01) -> None:
         """VFIO_DEVICE_RESET, retried on EAGAIN (the kernel uses a try-lock)."""
@@ -736,63 +416,6 @@ class VfioDevice:
         arg = _feature(feature | lib.VFIO_DEVICE_FEATURE_SET, payload)
         self._call("VFIO_DEVICE_FEATURE", arg)
 
-    # --- live update -----------------------------------------------------------------------
-    def power_state(self) -> str:
-        """"D0".."D3hot" from sysfs, else from the PCI PM capability; "D0" if neither says."""
-        if self.bdf:
-            try:
-                with open(f"/sys/bus/pci/devices/{self.bdf}/power_state") as fh:
-                    return fh.read().strip()
-            except OSError:
-                pass
-        if not self.config_read(PCI_STATUS, 2) & PCI_STATUS_CAP_LIST:
-            return "D0"
-        ptr, seen = self.config_read(PCI_CAPABILITY_LIST, 1) & ~3, set()
-        while ptr and ptr not in seen:
-            seen.add(ptr)
-            if self.config_read(ptr, 1) == PCI_CAP_ID_PM:
-                return f"D{self.config_read(ptr + PCI_PM_CTRL, 2) & 3}".replace("D3", "D3hot")
-            ptr = self.config_read(ptr + 1, 1) & ~3
-        return "D0"
-
-    def live_update_problems(self) -> list[str]:
-        """Every reason this fd cannot be preserved now (or the kexec would be refused after
-        preserving it), in words, from what the kernel shows: its configuration, the fd's
-        origin, its binding, ``/proc/interrupts`` and the power state; plus IRQs enabled
-        through this object. [] when the fd is ready. Changes nothing."""
-        from .preservation import why_not
-
-        problems = why_not(self.fileno(), self.bdf, self.path if self.path and self.path.startswith(
-            ("/dev/vfio/devices/", "anon_inode:")) else None, bound=self.bound)
-        if self._irqs_enabled and not any(p.startswith("IRQs are enabled") for p in problems):
-            problems.append("IRQs are enabled through this object (index: vectors " + ", ".join(
-                f"{i}: {n}" for i, n in sorted(self._irqs_enabled.items())) + "); disable them: the kexec would be refused")
-        return problems
-
-    def check_live_update_ready(self) -> None:
-        """NotLiveUpdateReady (naming each unmet condition) unless this fd can be preserved:
-        a kernel that preserves devices, a cdev fd, bound to an iommufd, no IRQ enabled (by
-        anyone: ``/proc/interrupts``), in D0. VfioPreservationUnsupported when the kernel cannot."""
-        problems = self.live_update_problems()
-        if problems and problems[0].startswith("this kernel cannot preserve"):
-            raise VfioPreservationUnsupported(errno.ENOENT, "preserve VFIO device", self.name, "; ".join(problems))
-        if problems:
-            raise NotLiveUpdateReady(errno.EINVAL, "preserve VFIO device", self.name, "; ".join(problems))
-
-    def preserve(self, session, token: int) -> None:
-        """Check :meth:`check_live_update_ready`, then preserve this device fd in ``session``
-        under ``token``. Nothing changes when a check fails. From then on the device belongs to
-        the session: keep the session open (hand it to a holder) until the kexec; closing the
-        session gives the device back."""
-        self.check_live_update_ready()
-        session.preserve(self, token)
-
-    def ledger_record(self) -> dict:
-        """What the live-update ledger says of this device: its BDF and cdev path."""
-        from .preservation import record_for
-
-        return record_for(self.fileno(), self.bdf, self.path)
-
     # --- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
         """Disable IRQs routed here, unmap BARs, close the fd (if owned), the group fd, and
@@ -833,7 +456,7 @@ class VfioDevice:
 
 def _with_payload(name: str, payload: bytes) -> Any:
     """A zeroed argument for device request ``name`` with ``payload`` after the struct."""
-    from .ioctl import REQUESTS, new_arg
+    from ..ioctl import REQUESTS, new_arg
 
     req = REQUESTS[FdKind.VFIO_DEVICE][name]
     arg = new_arg(req, len(payload))
@@ -842,47 +465,7 @@ def _with_payload(name: str, payload: bytes) -> Any:
     return arg
 
 
-def _irq_set(index: int, start: int, count: int, flags: int, payload: bytes = b"") -> Any:
-    arg = _with_payload("VFIO_DEVICE_SET_IRQS", payload)
-    arg.index, arg.start, arg.count, arg.flags = index, start, count, flags
-    return arg
-
-
 def _feature(flags: int, payload: bytes = b"") -> Any:
     arg = _with_payload("VFIO_DEVICE_FEATURE", payload)
     arg.flags = flags
     return arg
-
-
-def _open_error(exc: OSError, operation: str, name: str) -> PyvfioError:
-    """The error for a failed open of device ``name`` (a BDF or cdev path): a device that a
-    live-update session holds is DevicePreserved naming the session and token (from the
-    ledgers), one frozen by an aborted kexec is DeviceFrozen."""
-    from .preservation import bdf_of_cdev, holder_of, incoming_device
-
-    err = exc.errno or 0
-    bdf = name if not name.startswith("/dev/") else (bdf_of_cdev(name) or name)
-    if err == errno.EIO:
-        return DeviceFrozen(err, operation, name)
-    if err in (errno.EBUSY, errno.EINVAL):
-        incoming = incoming_device(bdf)
-        held = incoming or holder_of(bdf)
-        if err == errno.EBUSY or held:
-            if incoming:
-                hint = (f"it came through the live update in session {incoming[0]!r} as token "
-                        f"{incoming[1]:#x}: retrieve it from there (Session.retrieve, then "
-                        "VfioDevice.from_fd with a new Iommu), then finish the session")
-            elif held:
-                hint = (f"it is preserved for the next live update in session {held[0]!r} (token "
-                        f"{held[1]:#x}); close that session to give the device back")
-            else:
-                hint = ("the device is preserved by a live update (or open elsewhere): retrieve it "
-                        "from its LUO session, then finish the session")
-            return DevicePreserved(err, "open VFIO device", name, hint)
-    if isinstance(exc, PyvfioError):
-        return exc
-    return error_for(err, operation, name)
-
-
-__all__ = ["VfioDevice", "Iommu", "Bar", "EventFd", "DeviceInfo", "RegionInfo", "IrqInfo",
-           "VfioPreservationUnsupported"]

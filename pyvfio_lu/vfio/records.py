@@ -1,0 +1,123 @@
+"""What VFIO_DEVICE_GET_INFO, GET_REGION_INFO and GET_IRQ_INFO return, decoded: the info
+records and their capability chains (each capability checked to fit its buffer)."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from typing import Any
+
+from .._cffi import ffi, lib
+from ..caps import cap_fits, cap_items, walk_caps_sized
+
+class Capability(namedtuple("Capability", "id version data")):
+    """One entry of a VFIO capability chain, decoded into ``data`` where the type is known."""
+
+    __slots__ = ()
+
+
+class DeviceInfo(namedtuple("DeviceInfo", "flags num_regions num_irqs caps", defaults=((),))):
+    """VFIO_DEVICE_GET_INFO, decoded."""
+
+    __slots__ = ()
+
+    @property
+    def is_pci(self) -> bool:
+        return bool(self.flags & lib.VFIO_DEVICE_FLAGS_PCI)
+
+    @property
+    def can_reset(self) -> bool:
+        return bool(self.flags & lib.VFIO_DEVICE_FLAGS_RESET)
+
+
+SparseArea = namedtuple("SparseArea", "offset size")
+
+
+class RegionInfo(namedtuple("RegionInfo", "index flags size offset caps", defaults=((),))):
+    """VFIO_DEVICE_GET_REGION_INFO, decoded (``offset`` is where the region lives in the device fd)."""
+
+    __slots__ = ()
+
+    @property
+    def readable(self) -> bool:
+        return bool(self.flags & lib.VFIO_REGION_INFO_FLAG_READ)
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.flags & lib.VFIO_REGION_INFO_FLAG_WRITE)
+
+    @property
+    def mappable(self) -> bool:
+        return bool(self.flags & lib.VFIO_REGION_INFO_FLAG_MMAP)
+
+    @property
+    def sparse_areas(self) -> tuple[SparseArea, ...] | None:
+        for c in self.caps:
+            if c.id == lib.VFIO_REGION_INFO_CAP_SPARSE_MMAP:
+                return tuple(SparseArea(o, s) for o, s in c.data["areas"])
+        return None
+
+    @property
+    def msix_mappable(self) -> bool:
+        return any(c.id == lib.VFIO_REGION_INFO_CAP_MSIX_MAPPABLE for c in self.caps)
+
+    @property
+    def type(self) -> tuple[int, int] | None:
+        for c in self.caps:
+            if c.id == lib.VFIO_REGION_INFO_CAP_TYPE:
+                return c.data["type"], c.data["subtype"]
+        return None
+
+
+class IrqInfo(namedtuple("IrqInfo", "index flags count")):
+    """VFIO_DEVICE_GET_IRQ_INFO, decoded."""
+
+    __slots__ = ()
+
+    @property
+    def maskable(self) -> bool:
+        return bool(self.flags & lib.VFIO_IRQ_INFO_MASKABLE)
+
+    @property
+    def automasked(self) -> bool:
+        return bool(self.flags & lib.VFIO_IRQ_INFO_AUTOMASKED)
+
+    @property
+    def noresize(self) -> bool:
+        return bool(self.flags & lib.VFIO_IRQ_INFO_NORESIZE)
+
+
+class HotResetDevice(namedtuple("HotResetDevice", "id segment bus devfn")):
+    """A device a hot reset affects; ``id`` is its group id, or its device id (cdev) with DEV_ID."""
+
+    __slots__ = ()
+
+    @property
+    def bdf(self) -> str:
+        return f"{self.segment:04x}:{self.bus:02x}:{self.devfn >> 3:02x}.{self.devfn & 7}"
+
+
+def _caps_of(arg: Any, first: int, decode) -> tuple[Capability, ...]:
+    return tuple(Capability(cid, ver, decode(cid, ptr, room)) for cid, ver, ptr, room in walk_caps_sized(arg, first))
+
+
+def _region_cap(cid: int, ptr: Any, room: int) -> dict:
+    if cid == lib.VFIO_REGION_INFO_CAP_SPARSE_MMAP:
+        cap_fits(room, "vfio_region_info_cap_sparse_mmap")
+        cap = ffi.cast("struct vfio_region_info_cap_sparse_mmap *", ptr)
+        n = cap_items(room, "vfio_region_info_cap_sparse_mmap", cap.nr_areas, "vfio_region_sparse_mmap_area")
+        return {"areas": [(cap.areas[i].offset, cap.areas[i].size) for i in range(n)]}
+    if cid == lib.VFIO_REGION_INFO_CAP_TYPE:
+        cap_fits(room, "vfio_region_info_cap_type")
+        cap = ffi.cast("struct vfio_region_info_cap_type *", ptr)
+        return {"type": cap.type, "subtype": cap.subtype}
+    return {}
+
+
+def _device_cap(cid: int, ptr: Any, room: int) -> dict:
+    if cid == lib.VFIO_DEVICE_INFO_CAP_PCI_ATOMIC_COMP:
+        cap_fits(room, "vfio_device_info_cap_pci_atomic_comp")
+        return {"flags": ffi.cast("struct vfio_device_info_cap_pci_atomic_comp *", ptr).flags}
+    return {}
