@@ -188,11 +188,20 @@ def cmd_status(args) -> int:
     dp = st.device_preservation
     print(f"device preservation:  {yes[dp.get('supported')]} ({dp.get('detail')})")
     if st.incoming:
-        print("incoming sessions (from the previous kernel's ledgers, not finished yet):")
-        for name, entry in sorted(st.incoming.items()):
+        print(f"incoming sessions (from the previous kernel's ledgers, not finished yet): {len(st.incoming)}")
+        shown = sorted(st.incoming.items())
+        if len(shown) > args.limit and not args.all_sessions:
+            print(f"  (the first {args.limit}; --all-sessions for every one, --json for scripts)")
+            shown = shown[:args.limit]
+        for name, entry in shown:
             files = entry.get("files") or {}
             print(f"  {name:<24} {len(files)} file(s)")
-            for token, rec in sorted(files.items()):
+            listed = sorted(files.items())
+            if len(listed) > args.limit and not args.all_sessions:
+                devices = [(t, r) for t, r in listed if isinstance(r, dict) and r.get("kind") == "vfio-device"]
+                print(f"    ({len(listed)} files; the devices and the first {args.limit})")
+                listed = devices + [tr for tr in listed[:args.limit] if tr not in devices]
+            for token, rec in listed:
                 what = (f"VFIO device {rec.get('bdf')}" if rec.get("kind") == "vfio-device" else
                         f"memfd {rec.get('name')!r} {rec.get('size')} bytes"
                         + (" at IOVA " + ", ".join(hex(i[0]) for i in rec["iovas"]) if rec.get("iovas") else "")
@@ -251,12 +260,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_unbind)
 
-    p = add("status", "LUO/KHO state, live update number, which processes hold which sessions",
-            "Read-only: is live update enabled, the live update number handed over by the previous "
-            "kernel, whether a kexec kernel is loaded, who has /dev/liveupdate open, and which process "
-            "holds an fd of which LUO session (from /proc/*/fd; run as root to see every process).",
-            "example: pyvfio-lu status --json | jq '.sessions'")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("status", "LUO/KHO state, live update number, sessions, incoming sessions, preserved devices",
+            "Is live update enabled, the live update number handed over by the previous kernel, "
+            "whether a kexec kernel is loaded, who has /dev/liveupdate open, which process holds an fd "
+            "of which LUO session (from /proc/*/fd; run as root to see every process), whether this "
+            "kernel can preserve VFIO devices, and after a live update the incoming sessions and what "
+            "each holds (from the ledgers the previous kernel's holders left in LUO; the first call "
+            "after a live update reads them, which finishes the ledger sessions only), and every "
+            "preserved device.",
+            "example: pyvfio-lu status --json | jq '.incoming'")
+    p.add_argument("--json", action="store_true", help="machine-readable output (everything, no limits)")
+    p.add_argument("--limit", type=int, default=20, metavar="N",
+                   help="text output: at most N incoming sessions and N files per session (default 20)")
+    p.add_argument("--all-sessions", action="store_true", help="text output: no limit")
     p.set_defaults(func=cmd_status)
 
     p = add("recover", "give back a device frozen by a kexec that did not happen (unbind + bind vfio-pci)",

@@ -19,9 +19,7 @@ Answers come from what the kernel shows, not from the object's own bookkeeping:
 from __future__ import annotations
 
 import errno
-import gzip
 import os
-import re
 from collections import namedtuple
 
 TYPE_CHECKING = False
@@ -44,6 +42,8 @@ _cached: Support | None = None
 
 def parse_config(text: str) -> dict[str, str]:
     """``CONFIG_X=value`` lines of a kernel .config; "is not set" lines as "n"."""
+    import re
+
     out: dict[str, str] = {}
     for line in text.splitlines():
         m = re.match(r"(CONFIG_\w+)=(.*)$", line)
@@ -57,6 +57,8 @@ def parse_config(text: str) -> dict[str, str]:
 
 
 def _read_config(proc: str = "/proc", boot: str = "/boot") -> tuple[dict[str, str], str] | None:
+    import gzip
+
     try:
         with gzip.open(f"{proc}/config.gz", "rt", errors="replace") as fh:
             return parse_config(fh.read()), f"{proc}/config.gz"
@@ -163,7 +165,7 @@ def bdf_of_fd(fd: int, link: str | None = None) -> str | None:
 def bdf_of_cdev(path: str, sysfs: str = "/sys") -> str | None:
     """``/dev/vfio/devices/vfioN`` -> its device's BDF, from ``/sys/class/vfio-dev/vfioN/device``."""
     name = os.path.basename(path)
-    if not re.fullmatch(r"vfio\d+", name):
+    if not (name.startswith("vfio") and name[4:].isdigit() and name[4:].isascii()):
         return None
     try:
         return os.path.basename(os.readlink(f"{sysfs}/class/vfio-dev/{name}/device"))
@@ -171,7 +173,7 @@ def bdf_of_cdev(path: str, sysfs: str = "/sys") -> str | None:
         return None
 
 
-_IRQ_NAME = re.compile(r"vfio-(intx|msix?)(?:\[(\d+)\])?\(([0-9a-fA-F:.]+)\)")
+_IRQ_NAME = r"vfio-(intx|msix?)(?:\[(\d+)\])?\(([0-9a-fA-F:.]+)\)"
 
 
 def irqs_enabled(bdf: str, interrupts: str = "/proc/interrupts") -> dict[str, int]:
@@ -182,7 +184,9 @@ def irqs_enabled(bdf: str, interrupts: str = "/proc/interrupts") -> dict[str, in
             text = fh.read()
     except OSError:
         return out
-    for m in _IRQ_NAME.finditer(text):
+    import re
+
+    for m in re.finditer(_IRQ_NAME, text):
         if m.group(3) == bdf:
             out[m.group(1)] = out.get(m.group(1), 0) + 1
     return out
