@@ -48,34 +48,3 @@ def no_device_left_preserved():
         pytest.fail("the test left VFIO devices preserved by open sessions of this process: "
                     + ", ".join(f"{bdf} in session {s!r} token {t:#x}" for bdf, (s, t) in left.items())
                     + "; close the session (or hand it to a holder) before the test ends")
-
-
-def _open_fds() -> dict[int, str]:
-    import os
-
-    out = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            pass
-    return out
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leaks(request):
-    """Fail a guest test that leaves an fd open, unless it is marked ``keeps_fds`` (a two-stage
-    class whose parts share open objects)."""
-    if request.node.get_closest_marker("keeps_fds"):
-        yield
-        return
-    before = _open_fds()
-    yield
-    import gc
-
-    leaked = {fd: link for fd, link in _open_fds().items() if before.get(fd) != link}
-    if leaked:
-        gc.collect()
-        leaked = {fd: link for fd, link in _open_fds().items() if before.get(fd) != link}
-    if leaked:
-        pytest.fail("the test left fds open: " + ", ".join(f"{fd} -> {link}" for fd, link in sorted(leaked.items())))

@@ -69,33 +69,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(line, green=True)
 
 
-def _open_fds() -> dict[int, str]:
-    out = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            pass  # the directory fd of this very listing
-    return out
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leaks(request):
-    """Fail any unit test that leaves an fd open (function-scoped fixtures have closed theirs
-    by the time this checks; session-scoped ones are opened before the first snapshot)."""
-    before = _open_fds()
-    yield
-    import gc
-
-    after = _open_fds()
-    leaked = {fd: link for fd, link in after.items() if before.get(fd) != link}
-    if leaked:
-        gc.collect()  # an object dropped without close(): its finalizer closes the fd, but late
-        after = _open_fds()
-        leaked = {fd: link for fd, link in after.items() if before.get(fd) != link}
-    if leaked:
-        pytest.fail(f"{request.node.nodeid} left fds open: " + ", ".join(f"{fd} -> {link}" for fd, link in sorted(leaked.items())))
-
 
 def pytest_collection_modifyitems(config, items):
     """Unit tests run with ResourceWarning (an fd or socket dropped without close) as an error."""
