@@ -25,16 +25,21 @@ else:
 
 def fileno_of(file: FileLike) -> int:
     """The fd number of an int or of any object with ``fileno()``; TypeError otherwise."""
+    from .errors import ArgumentOutOfRange, BadArgumentType
+
     if isinstance(file, bool):
-        raise TypeError("expected a file descriptor or an object with fileno(), got a bool")
+        raise BadArgumentType(22, "fileno", "bool", "expected a file descriptor or an object with fileno(), got a bool")
     if isinstance(file, int):
         fd = file
     elif hasattr(file, "fileno"):
         fd = file.fileno()
     else:
-        raise TypeError(f"expected a file descriptor or an object with fileno(), got {type(file).__name__}")
-    if not isinstance(fd, int) or fd < 0:
-        raise ValueError(f"invalid file descriptor {fd!r}")
+        raise BadArgumentType(22, "fileno", type(file).__name__,
+                              f"expected a file descriptor or an object with fileno(), got {type(file).__name__}")
+    if not isinstance(fd, int) or isinstance(fd, bool):
+        raise BadArgumentType(22, "fileno", repr(fd)[:40], f"fileno() returned {type(fd).__name__}, not an int")
+    if not 0 <= fd < 2**31:
+        raise ArgumentOutOfRange(22, "fileno", repr(fd), f"invalid file descriptor {fd!r}")
     return fd
 
 

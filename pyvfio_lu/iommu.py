@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 from ._cffi import ffi, lib
-from .errors import InvalidArgument, NotFound, NotSupported, PyvfioError, UnsafeOperation, error_for
+from .errors import InvalidArgument, NotFound, NotSupported, PyvfioError, UnsafeOperation, check_int, error_for
 from .fd import FileLike, OwnedFd, fileno_of
 from .ioctl import FdKind, call
 
@@ -58,6 +58,8 @@ class DmaBuffer:
     """
 
     def __init__(self, size: int, file: FileLike | None = None, offset: int = 0):
+        check_int(size, "size", 1, 1 << 47, "DmaBuffer", "")
+        check_int(offset, "offset", 0, 2**63 - 1, "DmaBuffer", "")
         if size <= 0 or size % PAGE:
             raise InvalidArgument(errno.EINVAL, "DmaBuffer", f"{size} bytes", f"size must be a positive multiple of {PAGE}")
         flags = _mmap.MAP_SHARED | (0 if file is not None else _mmap.MAP_ANONYMOUS)
@@ -287,6 +289,9 @@ class Iommu:
                 if size > length:
                     raise InvalidArgument(errno.EINVAL, "DMA map", f"{length}-byte buffer", f"size {size} exceeds the buffer")
                 length = size
+        if iova is not None:
+            check_int(iova, "iova", 0, U64_MAX, "DMA map", self.target)
+        check_int(length, "size", 1, U64_MAX, "DMA map", self.target)
         if vaddr % PAGE or length % PAGE or length == 0:
             raise InvalidArgument(errno.EINVAL, "DMA map", f"vaddr {vaddr:#x} size {length:#x}",
                                   f"address and size must be non-zero multiples of the page size ({PAGE})")

@@ -49,13 +49,31 @@ class Memfd(OwnedFd):
     @classmethod
     def create(cls, name: str = "pyvfio-lu", data: bytes = b"", size: int | None = None,
                sealing: bool = True) -> "Memfd":
-        """A new memfd (``MFD_CLOEXEC``, ``MFD_ALLOW_SEALING``) holding ``data``, ``size`` bytes long."""
+        """A new memfd (``MFD_CLOEXEC``, ``MFD_ALLOW_SEALING``) holding ``data``, ``size`` bytes long.
+
+        Wrong types and sizes are BadArgumentType / ArgumentOutOfRange, before anything is created."""
+        from .errors import BadArgumentType, check_int
+
+        if not isinstance(name, str) or "\0" in name or len(name.encode(errors="surrogateescape")) > 249:
+            raise BadArgumentType(errno.EINVAL, "memfd_create", repr(name)[:80],
+                                  "a memfd name is a str of at most 249 bytes with no NUL")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise BadArgumentType(errno.EINVAL, "memfd_create", repr(name),
+                                  f"data must be bytes, not {type(data).__name__}")
+        if size is not None:
+            check_int(size, "size", 0, 2**63 - 1, "memfd_create", repr(name))
         flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealing else 0)
-        fd = os.memfd_create(name, flags)
+        try:
+            fd = os.memfd_create(name, flags)
+        except OSError as exc:
+            raise error_for(exc.errno or 0, "memfd_create", repr(name)) from None
         self = cls(fd, f"memfd {name!r}")
         try:
             if size is not None:
-                os.ftruncate(fd, size)
+                try:
+                    os.ftruncate(fd, size)
+                except OSError as exc:
+                    raise error_for(exc.errno or 0, "ftruncate", self.what, f"cannot size it to {size} bytes") from None
             if data:
                 self.pwrite_all(data, 0)
         except BaseException:
