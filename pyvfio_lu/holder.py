@@ -280,28 +280,41 @@ class _Ledger:
     def __init__(self, socket_path: str):
         self.socket_path = socket_path
         self.writer = None
+        self._fragments: dict[str, str] = {}  # held key -> '"session name":{...}'
 
     def ensure(self, borrowed_fd: int | None = None) -> None:
         if self.writer is None:
             self.writer = open_ledger(borrowed_fd)
 
     def update(self, manifest: dict[str, dict]) -> bool:
-        """Rewrite the ledger from the holder's manifest; False when there is no ledger."""
+        """Rewrite the ledger from the holder's manifest; False when there is no ledger.
+
+        Each session's JSON is made once, when it arrives (a held entry never changes), so a
+        rewrite costs a join of the held sessions' text, not a new encoding of all of them."""
         if self.writer is None:
             return False
+        import json
+
         from . import ledger
 
-        sessions = {entry.get("session", name): {"files": entry.get("records") or {},
-                                                 "manifest": {k: v for k, v in entry.items()
-                                                              if k not in ("records", "files")}}
-                    for name, entry in manifest.items() if name.startswith(handoff.SESSION_PREFIX)}
-        doc = ledger.session_document(sessions, {"pid": os.getpid(), "kind": "holder",
-                                                 "socket": self.socket_path, "ledger": self.writer.name})
+        for key in [k for k in self._fragments if k not in manifest]:
+            del self._fragments[key]
+        for key, entry in manifest.items():
+            if key.startswith(handoff.SESSION_PREFIX) and key not in self._fragments:
+                body = {"files": entry.get("records") or {},
+                        "manifest": {k: v for k, v in entry.items() if k not in ("records", "files")}}
+                self._fragments[key] = (json.dumps(entry.get("session", key[len(handoff.SESSION_PREFIX):]))
+                                        + ":" + json.dumps(body, separators=(",", ":")))
+        head = ledger.session_document({}, {"pid": os.getpid(), "kind": "holder", "socket": self.socket_path,
+                                            "ledger": self.writer.name})
+        del head["sessions"]
+        payload = (json.dumps(head, separators=(",", ":"))[:-1] + ',"sessions":{'
+                   + ",".join(self._fragments.values()) + "}}").encode()
         try:
-            self.writer.write(doc)
+            self.writer.write_payload(payload)
         except (PyvfioError, OSError, ValueError):
             return False
-        ledger.mirror_outgoing(self.writer.name, doc)
+        ledger.mirror_outgoing_payload(self.writer.name, payload)
         return True
 
 

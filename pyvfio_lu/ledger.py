@@ -150,7 +150,10 @@ class LedgerWriter:
 
     def write(self, doc: dict[str, Any]) -> None:
         """Make ``doc`` the ledger's newest generation."""
-        payload = json.dumps(doc, separators=(",", ":")).encode()
+        self.write_payload(json.dumps(doc, separators=(",", ":")).encode())
+
+    def write_payload(self, payload: bytes) -> None:
+        """Make ``payload`` (a JSON document, already encoded) the ledger's newest generation."""
         needed = HEADER.size + len(payload)
         if not self._chunks or self._chunks[-1][1] < needed:
             self._grow(needed)
@@ -333,12 +336,17 @@ def _outgoing_dir() -> str:
 
 def mirror_outgoing(ledger_name: str, doc: dict[str, Any]) -> None:
     """Write this boot's copy of an outgoing ledger document (for status, devices and open)."""
+    mirror_outgoing_payload(ledger_name, json.dumps(doc).encode())
+
+
+def mirror_outgoing_payload(ledger_name: str, payload: bytes) -> None:
+    """:func:`mirror_outgoing` of an already encoded document."""
     try:
         os.makedirs(_outgoing_dir(), exist_ok=True)
         path = os.path.join(_outgoing_dir(), ledger_name + ".json")
         tmp = path + f".{os.getpid()}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(doc, fh)
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
         os.replace(tmp, path)
     except OSError:
         pass

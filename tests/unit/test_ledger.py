@@ -132,3 +132,36 @@ def test_names_that_are_not_utf8_are_keyed_exactly(tmp_path, monkeypatch):
     ledger.adopt(FakeLu({s.name: s}))
     ledger.mark_finished("x-\udcff")
     assert set(ledger.incoming()) == {"x-\udcfe"}
+
+
+def test_holder_ledger_document_is_valid_json_built_from_cached_fragments(tmp_path, monkeypatch):
+    """The holder builds its ledger from per-session JSON made once; the result must be the
+    same document a plain encoding gives, before and after a release."""
+    from pyvfio_lu import holder
+
+    _run_dir(tmp_path, monkeypatch)
+    written = []
+
+    class Writer:
+        name = "pyvfio-lu.ledger.0"
+
+        def write_payload(self, payload):
+            written.append(json.loads(payload))
+
+    book = holder._Ledger("/run/x.sock")
+    book.writer = Writer()
+    manifest = {f"session:vm-{i}": {"session": f"vm-{i}", "direction": "outgoing", "test": "t",
+                                    "records": {"0x1": {"kind": "memfd", "name": f"r{i}", "size": i}}}
+                for i in range(3)}
+    manifest["session:x-\udcff"] = {"session": "x-\udcff", "records": {}}
+    manifest["other"] = {"what": "not a session"}
+    assert book.update(manifest)
+    doc = written[-1]
+    assert set(doc["sessions"]) == {"vm-0", "vm-1", "vm-2", "x-\udcff"}
+    assert doc["sessions"]["vm-1"] == {"files": {"0x1": {"kind": "memfd", "name": "r1", "size": 1}},
+                                       "manifest": {"session": "vm-1", "direction": "outgoing", "test": "t"}}
+    assert doc["holder"]["kind"] == "holder" and doc["format"] == ledger.FORMAT
+    del manifest["session:vm-0"]
+    book.update(manifest)
+    assert set(written[-1]["sessions"]) == {"vm-1", "vm-2", "x-\udcff"}
+    assert set(ledger.outgoing()) == {"vm-1", "vm-2", "x-\udcff"}  # the mirror: this process is alive
