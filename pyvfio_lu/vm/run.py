@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                     "with --stage2 a second one after a kexec live update. The guest root is "
                     "the host root (read-only 9p under a tmpfs overlay); the results directory "
                     "is at /shared. Environment: PYVFIO_LU_ACCEL=tcg|kvm, "
-                    "PYVFIO_LU_KERNEL=bzImage.",
+                    "PYVFIO_LU_KERNEL=bzImage, PYVFIO_LU_KERNEL_FLAVOUR=upstream|vfio-lu.",
         epilog="example: python -m pyvfio_lu.vm.run --stage2 'cat /proc/cmdline' -- "
                "'ls /dev/liveupdate'. "
                "Exit status: 0 when every stage exited 0, 1 when one did not, 2 when the guest "
@@ -252,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
                              "directory under $TMPDIR)")
     parser.add_argument("--no-net", action="store_true", help="no virtio-net NIC")
     parser.add_argument("--kernel", type=Path,
-                        help="bzImage to boot (default: the cached test kernel)")
+                        help="bzImage to boot (default: the cached test kernel of --flavour)")
+    parser.add_argument("--flavour", choices=["upstream", "vfio-lu"],
+                        default=os.environ.get("PYVFIO_LU_KERNEL_FLAVOUR", "upstream"),
+                        help="which cached kernel: upstream, or vfio-lu (device preservation; built with "
+                             "python -m pyvfio_lu.vm.kernel --patches DIR); env PYVFIO_LU_KERNEL_FLAVOUR")
     parser.add_argument("-q", "--quiet", action="store_true", help="do not print the console")
     parser.add_argument("command", nargs="+", metavar="CMD",
                         help="stage-1 command (after --; several words are joined with spaces)")
@@ -262,6 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     def echo(t: float, text: str) -> None:
         print(f"[{t:7.2f}] {text}", flush=True)
 
+    if args.kernel is None and not os.environ.get("PYVFIO_LU_KERNEL"):
+        from .kernel import KernelBuildError, build
+
+        try:
+            args.kernel = build(flavour=args.flavour).bzimage
+        except KernelBuildError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     try:
         result = run_in_guest(" ".join(args.command), args.stage2, iommu=args.iommu,
                               timeout=args.timeout, results_dir=args.results_dir,
