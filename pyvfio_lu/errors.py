@@ -331,10 +331,16 @@ BY_OPERATION: dict[tuple[str, int], type[PyvfioError]] = {
 }
 
 
+# operations on a VFIO device fd (ioctls, region reads and writes, BAR mmaps)
+_DEVICE_FD_OPERATIONS = ("VFIO_DEVICE_", "read region", "write region", "mmap region")
+
+
 def error_for(err: int, operation: str, target: str = "", reason: str = "", **extra) -> PyvfioError:
     """The exception for ``errno`` failing ``operation`` on ``target``."""
     cls = BY_OPERATION.get((operation, err)) or BY_ERRNO.get(err) or PyvfioError
-    if operation == "reboot(RB_KEXEC)" and cls is not KexecNotPermitted:
+    if err == _errno.EIO and operation.startswith(_DEVICE_FD_OPERATIONS):
+        cls = DeviceFrozen  # every access to a device fd frozen by a refused kexec answers EIO
+    elif operation == "reboot(RB_KEXEC)" and cls is not KexecNotPermitted:
         cls = KexecRefused
     elif operation == "kexec_file_load" and not issubclass(cls, KexecError):
         cls = KexecError

@@ -256,6 +256,11 @@ def preserve_error(exc: PyvfioError, fd: int, link: str, target: str, bdf: str |
 _LOCAL: dict[str, tuple[str, int]] = {}
 
 
+def preserved_here() -> dict[str, tuple[str, int]]:
+    """BDF -> (session, token) of devices preserved through open Session objects of this process."""
+    return dict(_LOCAL)
+
+
 def note_local(bdf: str | None, session: str, token: int) -> None:
     if bdf:
         _LOCAL[bdf] = (session, token)

@@ -114,7 +114,7 @@ def preserved_devices() -> list[dict]:
     this boot, kept by a live holder, or by a session of this process) and ``incoming`` (came
     through the last live update, its session not finished yet)."""
     from . import ledger
-    from .preservation import _LOCAL
+    from .preservation import preserved_here
 
     out = []
     for direction, sessions in (("outgoing", ledger.outgoing()), ("incoming", ledger.incoming())):
@@ -122,7 +122,7 @@ def preserved_devices() -> list[dict]:
             for token, rec in sorted((entry.get("files") or {}).items()):
                 if isinstance(rec, dict) and rec.get("kind") == "vfio-device":
                     out.append({"bdf": rec.get("bdf"), "session": name, "token": token, "direction": direction})
-    for bdf, (name, token) in sorted(_LOCAL.items()):
+    for bdf, (name, token) in sorted(preserved_here().items()):
         if not any(d["bdf"] == bdf for d in out):
             out.append({"bdf": bdf, "session": name, "token": f"{token:#x}", "direction": "outgoing"})
     return out

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 from .._cffi import ffi, lib
 from ..errors import (
     BadArgumentType,
-    DeviceFrozen,
     DeviceNotBound,
     InvalidArgument,
     NotSupported,
@@ -219,12 +218,7 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
     def _call(self, name: str, arg: Any = None, **kw) -> Any:
         if self.cdev and not self.bound:
             raise DeviceNotBound(errno.EINVAL, name, self.name)
-        try:
-            return call(FdKind.VFIO_DEVICE, self.fileno(), name, arg, target=self._name, **kw)
-        except PyvfioError as exc:
-            if exc.errno == errno.EIO:
-                raise DeviceFrozen(errno.EIO, name, self.name) from None
-            raise
+        return call(FdKind.VFIO_DEVICE, self.fileno(), name, arg, target=self._name, **kw)
 
     def _name(self) -> str:  # the error-message target, computed only on failure
         return self.name
@@ -233,13 +227,7 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
     def bind(self, iommu: Iommu | int) -> int:
         """VFIO_DEVICE_BIND_IOMMUFD; returns the device id in that iommufd."""
         iommufd = iommu.fileno() if isinstance(iommu, Iommu) else iommu
-        try:
-            arg = call(FdKind.VFIO_DEVICE, self.fileno(), "VFIO_DEVICE_BIND_IOMMUFD", iommufd=iommufd,
-                       target=self.name)
-        except PyvfioError as exc:
-            if exc.errno == errno.EIO:
-                raise DeviceFrozen(errno.EIO, "VFIO_DEVICE_BIND_IOMMUFD", self.name) from None
-            raise
+        arg = call(FdKind.VFIO_DEVICE, self.fileno(), "VFIO_DEVICE_BIND_IOMMUFD", iommufd=iommufd, target=self.name)
         self.bound = True
         self.devid = arg.out_devid
         if isinstance(iommu, Iommu) and self.iommu is None:

@@ -337,11 +337,8 @@ def build(refresh: bool = False, jobs: int | None = None, *, flavour: str = UPST
         if not refresh:
             for done in sorted((cache / "kernel").glob(f"*-{tag}{key_suffix}/bzImage")):
                 return _image_from(done.parent)
-        if tree is not None and patches is None:
-            src, version = tree.resolve(), "tree"
-        else:
-            pristine, version = _source_tree(cache, refresh=True) if tree is None else (tree.resolve(), "tree")
-            src = pristine
+        # the base: a given tree, else Debian's source; patches (if any) go on top of either
+        src, version = (tree.resolve(), "tree") if tree is not None else _source_tree(cache, refresh=True)
         entry = cache / "kernel" / f"{version}-{tag}{key_suffix}"
         if (entry / "bzImage").exists():
             return _image_from(entry)

@@ -42,9 +42,10 @@ def no_device_left_preserved():
     yield
     from pyvfio_lu import preservation
 
-    left = dict(preservation._LOCAL)
+    left = preservation.preserved_here()
     if left:
-        preservation._LOCAL.clear()
+        for session in {s for s, _t in left.values()}:
+            preservation.forget_local(session)
         pytest.fail("the test left VFIO devices preserved by open sessions of this process: "
                     + ", ".join(f"{bdf} in session {s!r} token {t:#x}" for bdf, (s, t) in left.items())
                     + "; close the session (or hand it to a holder) before the test ends")

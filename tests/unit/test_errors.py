@@ -229,3 +229,12 @@ def test_kexec_file_load_documented_failures_keep_their_class():
 def test_vfio_preservation_unsupported_is_not_preservable():
     assert issubclass(E.VfioPreservationUnsupported, E.NotPreservable)
     assert issubclass(E.DevicePreserved, E.VfioError)
+
+
+@pytest.mark.parametrize("operation", ["VFIO_DEVICE_GET_INFO", "VFIO_DEVICE_BIND_IOMMUFD", "read region 7 at 0x4",
+                                       "write region 0 at 0x0", "mmap region 0"])
+def test_eio_on_a_device_fd_is_device_frozen(operation):
+    exc = E.error_for(errno.EIO, operation, "0000:00:04.0")
+    assert type(exc) is E.DeviceFrozen and "recover" in str(exc)
+    assert type(E.error_for(errno.EIO, "open /dev/liveupdate")) is E.IncomingStateFailed
+    assert type(E.error_for(errno.EIO, "IOMMU_IOAS_MAP")) is E.PyvfioError

@@ -128,7 +128,7 @@ def test_outgoing_mirror_hides_a_dead_holder(tmp_path, monkeypatch):
 def test_names_that_are_not_utf8_are_keyed_exactly(tmp_path, monkeypatch):
     _run_dir(tmp_path, monkeypatch)
     s = FakeSession("pyvfio-lu.ledger.0", [_blob([(1, ledger.session_document(
-        {"x-\udcff": {"files": {}}, "x-\udcfe": {"files": {}}}, {"pid": 1}))], 4096)], tmp_path)
+        {name: {"files": {}} for name in ("x-\udcff", "x-\udcfe")}, {"pid": 1}))], 4096)], tmp_path)
     ledger.adopt(FakeLu({s.name: s}))
     ledger.mark_finished("x-\udcff")
     assert set(ledger.incoming()) == {"x-\udcfe"}
