@@ -182,6 +182,42 @@ class MemfdFrozen(LiveUpdateError, PermissionError):
     default_reason = "the memfd is preserved for a live update: its size is frozen until the session is closed or finished"
 
 
+class SessionLimitReached(LiveUpdateError, NoSpace):
+    """CREATE_SESSION's ENOSPC: LUO's table of outgoing sessions is full.
+
+    The kernel serialises sessions into at most 10,000 one-page blocks (``KHO_MAX_BLOCKS``)
+    of 80-byte entries: (PAGE_SIZE - 16) // 80 per page, 51 with 4 KiB pages, so 510,000
+    outgoing sessions in all. Nothing was created; closing (un-preserving) a session frees
+    its slot."""
+
+    default_reason = ("the kernel's limit on outgoing LUO sessions is reached (10,000 serialisation "
+                      "blocks of 51 sessions with 4 KiB pages: 510,000); nothing was created")
+
+
+class SessionFull(LiveUpdateError, NoSpace):
+    """PRESERVE_FD's ENOSPC: this session holds as many files as LUO can serialise.
+
+    Files are serialised into at most 10,000 one-page blocks per session of 64-byte entries:
+    (PAGE_SIZE - 16) // 64 per page, 63 with 4 KiB pages, so 630,000 files per session.
+    Nothing was preserved; the files already in the session stay preserved. Use another
+    session for more files."""
+
+    default_reason = ("the kernel's limit on files in one LUO session is reached (10,000 serialisation "
+                      "blocks of 63 files with 4 KiB pages: 630,000); this file was not preserved, "
+                      "the ones before it still are")
+
+
+class FdLimitReached(PyvfioError):
+    """EMFILE / ENFILE: no fd number is free for the new fd (RLIMIT_NOFILE or fs.file-max).
+
+    Every outgoing LUO session must stay open until the kexec, so a process creating many
+    sessions needs ``RLIMIT_NOFILE`` above their number (``resource.setrlimit``, or
+    ``LimitNOFILE=`` in a systemd unit). Nothing was created."""
+
+    default_reason = ("no free fd: raise RLIMIT_NOFILE (resource.setrlimit, ulimit -n, LimitNOFILE=) "
+                      "above the number of fds this process keeps open; nothing was created")
+
+
 class FinishRefused(LiveUpdateError):
     default_reason = "a preserved file is not ready to finish (not retrieved, or a VFIO device not yet bound to an iommufd)"
 
@@ -302,6 +338,8 @@ BY_ERRNO: dict[int, type[PyvfioError]] = {
     _errno.EFAULT: BadAddress,
     _errno.ENOSPC: NoSpace,
     _errno.ENOMEM: NoSpace,
+    _errno.EMFILE: FdLimitReached,
+    _errno.ENFILE: FdLimitReached,
 }
 
 # (operation, errno) -> class, the documented meanings (kernel-contract.md §1-3)
@@ -312,6 +350,8 @@ BY_OPERATION: dict[tuple[str, int], type[PyvfioError]] = {
     ("LIVEUPDATE_IOCTL_CREATE_SESSION", _errno.EEXIST): SessionExists,
     ("LIVEUPDATE_IOCTL_RETRIEVE_SESSION", _errno.ENOENT): NoSuchSession,
     ("LIVEUPDATE_IOCTL_RETRIEVE_SESSION", _errno.EINVAL): SessionAlreadyRetrieved,
+    ("LIVEUPDATE_IOCTL_CREATE_SESSION", _errno.ENOSPC): SessionLimitReached,
+    ("LIVEUPDATE_SESSION_PRESERVE_FD", _errno.ENOSPC): SessionFull,
     ("LIVEUPDATE_SESSION_PRESERVE_FD", _errno.EEXIST): TokenInUse,
     ("LIVEUPDATE_SESSION_PRESERVE_FD", _errno.EBUSY): AlreadyPreserved,
     ("LIVEUPDATE_SESSION_PRESERVE_FD", _errno.ENOENT): NotPreservable,

@@ -27,6 +27,8 @@ EXPECTED_BY_ERRNO = {
     errno.EFAULT: E.BadAddress,
     errno.ENOSPC: E.NoSpace,
     errno.ENOMEM: E.NoSpace,
+    errno.EMFILE: E.FdLimitReached,
+    errno.ENFILE: E.FdLimitReached,
 }
 
 EXPECTED_BY_OPERATION = {
@@ -36,6 +38,8 @@ EXPECTED_BY_OPERATION = {
     ("LIVEUPDATE_IOCTL_CREATE_SESSION", errno.EEXIST): E.SessionExists,
     ("LIVEUPDATE_IOCTL_RETRIEVE_SESSION", errno.ENOENT): E.NoSuchSession,
     ("LIVEUPDATE_IOCTL_RETRIEVE_SESSION", errno.EINVAL): E.SessionAlreadyRetrieved,
+    ("LIVEUPDATE_IOCTL_CREATE_SESSION", errno.ENOSPC): E.SessionLimitReached,
+    ("LIVEUPDATE_SESSION_PRESERVE_FD", errno.ENOSPC): E.SessionFull,
     ("LIVEUPDATE_SESSION_PRESERVE_FD", errno.EEXIST): E.TokenInUse,
     ("LIVEUPDATE_SESSION_PRESERVE_FD", errno.EBUSY): E.AlreadyPreserved,
     ("LIVEUPDATE_SESSION_PRESERVE_FD", errno.ENOENT): E.NotPreservable,
@@ -76,6 +80,8 @@ EXPECTED_BUILTIN = {
     E.MappingExists: FileExistsError,
     E.BadArgumentType: TypeError,
     E.ArgumentOutOfRange: ValueError,
+    E.SessionLimitReached: E.NoSpace,
+    E.SessionFull: E.NoSpace,
 }
 
 
