@@ -397,4 +397,21 @@ def sessions_held(proc: str = "/proc") -> Iterator[tuple[str, procfs.FdHolder]]:
             yield name, h
 
 
-__all__ = ["LiveUpdate", "Session", "PreservationLost", "OUTGOING", "INCOMING", "lib"]
+# LUO serialises sessions, and each session's files, into at most KHO_MAX_BLOCKS one-page
+# blocks with a 16-byte header (kernel/liveupdate/kho_block.c); an outgoing session's entry
+# is 80 bytes (name[64] + file-set pointer and count), a file's 64 (compatible[48] + data +
+# token).
+KHO_MAX_BLOCKS = 10_000
+_BLOCK_HEADER, _SESSION_ENTRY, _FILE_ENTRY = 16, 80, 64
+
+
+def kernel_limits(page_size: int | None = None) -> tuple[int, int]:
+    """(outgoing sessions, files per session) LUO can hold before it answers ENOSPC
+    (:class:`~pyvfio_lu.errors.SessionLimitReached`, :class:`~pyvfio_lu.errors.SessionFull`):
+    510,000 and 630,000 with 4 KiB pages. Memory and RLIMIT_NOFILE usually bind first."""
+    page = page_size or os.sysconf("SC_PAGE_SIZE")
+    per_page = page - _BLOCK_HEADER
+    return KHO_MAX_BLOCKS * (per_page // _SESSION_ENTRY), KHO_MAX_BLOCKS * (per_page // _FILE_ENTRY)
+
+
+__all__ = ["LiveUpdate", "Session", "PreservationLost", "OUTGOING", "INCOMING", "lib", "kernel_limits", "KHO_MAX_BLOCKS"]

@@ -315,3 +315,16 @@ def test_preservation_lost_is_shown_under_default_warning_filters():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "PreservationLost: LUO session 'shown' was garbage-collected" in proc.stderr
+
+
+@pytest.mark.parametrize(("page", "sessions", "files"), [
+    (4096, 510_000, 630_000),      # (4096 - 16) // 80 = 51 and // 64 = 63 entries per block
+    (16384, 2_040_000, 2_550_000),
+    (65536, 8_190_000, 10_230_000),
+])
+def test_kernel_limits_follow_the_block_layout(page, sessions, files):
+    assert luo.kernel_limits(page) == (sessions, files)
+
+
+def test_kernel_limits_default_to_this_machines_page_size():
+    assert luo.kernel_limits() == luo.kernel_limits(os.sysconf("SC_PAGE_SIZE"))
