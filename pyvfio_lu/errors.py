@@ -322,6 +322,29 @@ def check_int(value: object, what: str, low: int, high: int, operation: str, tar
     return value
 
 
+def check_bytes(value: object, what: str, operation: str, target: str = "") -> bytes | bytearray | memoryview:
+    """``value`` if it is bytes-like (bytes, bytearray, memoryview); BadArgumentType otherwise."""
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise BadArgumentType(_errno.EINVAL, operation, target,
+                              f"{what} must be bytes-like (bytes, bytearray, memoryview), not {type(value).__name__}")
+    return value
+
+
+def check_text(value: object, what: str, operation: str, target: str = "", *, max_len: int = 4095,
+               path: bool = False) -> str:
+    """``value`` as a non-empty str without NUL, at most ``max_len`` characters (``path``:
+    also an ``os.PathLike``); BadArgumentType / ArgumentOutOfRange naming ``what``."""
+    if path and not isinstance(value, (str, bytes)) and hasattr(value, "__fspath__"):
+        value = value.__fspath__()
+    if not isinstance(value, str):
+        raise BadArgumentType(_errno.EINVAL, operation, target,
+                              f"{what} must be a str{' or a path' if path else ''}, not {type(value).__name__}")
+    if not value or "\0" in value or len(value) > max_len:
+        problem = "is empty" if not value else "contains a NUL" if "\0" in value else f"is longer than {max_len}"
+        raise ArgumentOutOfRange(_errno.EINVAL, operation, target or repr(value)[:60], f"{what} {problem}")
+    return value
+
+
 # errno -> generic class, used when no operation-specific class applies
 BY_ERRNO: dict[int, type[PyvfioError]] = {
     _errno.EINVAL: InvalidArgument,

@@ -49,6 +49,10 @@ class OwnedFd:
     __slots__ = ("_fd", "_owned", "what", "__weakref__")
 
     def __init__(self, fd: int, what: str = "", owned: bool = True):
+        if type(fd) is not int or not 0 <= fd < 2**31:  # type() also refuses bool
+            self._fd = -1
+            fileno_of(fd)  # raises the named error
+            raise AssertionError("unreachable")
         self._fd = fd
         self._owned = owned
         self.what = what or f"fd {fd}"

@@ -10,6 +10,7 @@ and turns a failure into the named exception from :mod:`pyvfio_lu.errors`.
 from __future__ import annotations
 
 import enum
+import errno
 import os
 from collections import namedtuple
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 from ._cffi import ffi, lib
-from .errors import WrongFdKind, error_for
+from .errors import ArgumentOutOfRange, BadArgumentType, PyvfioError, WrongFdKind, error_for
 
 
 class FdKind(enum.Enum):
@@ -188,12 +189,20 @@ def call(kind: FdKind, fd: int, name: str, arg: Any = None, /, *, target: str = 
         entry = _prepare(kind, name)
     _kind, req, ctype, size, template = entry
     if ctype is None:
+        if not isinstance(fd, int) or isinstance(fd, bool) or not 0 <= fd < 1 << 31:
+            raise bad_field(name, "fd", fd, OverflowError("not a valid fd number"), target)
         if req.arg is Arg.NONE:
             ret = lib.pvl_ioctl(fd, req.number, ffi.NULL)
         elif req.arg is Arg.VALUE:
-            ret = lib.pvl_ioctl_val(fd, req.number, int(arg))
+            try:
+                ret = lib.pvl_ioctl_val(fd, req.number, arg)
+            except (TypeError, OverflowError) as exc:
+                raise bad_field(name, "argument", arg, exc, target) from None
         elif req.arg is Arg.INT_PTR:
-            ret = lib.pvl_ioctl(fd, req.number, ffi.new("int *", int(arg)))
+            try:
+                ret = lib.pvl_ioctl(fd, req.number, ffi.new("int *", arg))
+            except (TypeError, OverflowError) as exc:
+                raise bad_field(name, "argument", arg, exc, target) from None
         else:
             ret = lib.pvl_ioctl(fd, req.number, ffi.new("char[]", os.fsencode(arg)))
         if ret < 0:
@@ -209,16 +218,34 @@ def call(kind: FdKind, fd: int, name: str, arg: Any = None, /, *, target: str = 
         else:
             arg = ffi.new(ctype)
             setattr(arg, req.size_field, size)
-        for field, value in fields.items():
-            setattr(arg, field, value)
-    ret = lib.pvl_ioctl(fd, req.number, arg)
+        try:
+            for field, value in fields.items():
+                setattr(arg, field, value)
+        except (TypeError, OverflowError) as exc:
+            raise bad_field(name, field, value, exc, target) from None
+    try:
+        ret = lib.pvl_ioctl(fd, req.number, arg)
+    except (TypeError, OverflowError) as exc:  # only a bad fd gets here: the argument is ours
+        raise bad_field(name, "fd", fd, exc, target) from None
     if ret < 0:
         raise error_for(-ret, name, target() if callable(target) else target)
     return arg
 
 
+def bad_field(name: str, field: str, value: object, exc: Exception, target: Any = "") -> PyvfioError:
+    """The named error for a value cffi would not put into ``field`` of ``name``'s argument:
+    ArgumentOutOfRange for an integer that does not fit, BadArgumentType for anything else."""
+    where = target() if callable(target) else target
+    if isinstance(value, int) and not isinstance(value, bool):
+        return ArgumentOutOfRange(errno.EINVAL, name, where, f"{field} {value} does not fit the kernel's field ({exc})")
+    return BadArgumentType(errno.EINVAL, name, where, f"{field} must be an integer, not {type(value).__name__}")
+
+
 def fd_kind(fd: int) -> tuple[FdKind | None, str]:
     """What ``fd`` refers to, from its ``/proc/self/fd`` link: (kind or None, link text)."""
+    from .fd import fileno_of
+
+    fd = fileno_of(fd)
     try:
         link = os.readlink(f"/proc/self/fd/{fd}")
     except OSError as exc:
