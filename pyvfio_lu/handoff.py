@@ -38,7 +38,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import PermissionDenied, PyvfioError
+from .errors import PermissionDenied, PyvfioError, check_text, error_for
 from .fd import OwnedFd
 
 if TYPE_CHECKING:  # luo loads the compiled module, which plain fd passing does not need
@@ -97,11 +97,16 @@ def listen(path: str, backlog: int = 8) -> socket.socket:
 
 
 def connect(path: str) -> socket.socket:
+    """A SEQPACKET connection to the socket at ``path``; a named error when nobody listens."""
+    path = check_text(path, "socket path", "connect", path=True, max_len=107)  # sun_path
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         sock.connect(path)
-    except BaseException:
+    except OSError as exc:
         sock.close()  # nobody listens there: the socket would otherwise leak until GC
+        raise error_for(exc.errno or 0, "connect", path, exc.strerror or "") from None
+    except BaseException:
+        sock.close()
         raise
     return sock
 
@@ -235,7 +240,8 @@ OWN_UID = -1  # expected_uid default: the uid of this process
 
 
 def session_key(name: str) -> str:
-    return SESSION_PREFIX + name
+    """The key a session is held under by a holder: ``session:<name>``."""
+    return SESSION_PREFIX + check_text(name, "session name", "session key")
 
 
 def session_manifest(session: Session, extra: dict | None = None) -> dict:

@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from . import handoff
-from .errors import PyvfioError
+from .errors import ArgumentOutOfRange, BadArgumentType, PyvfioError, check_text
 from .fd import FileLike, OwnedFd, fileno_of
 
 
@@ -160,11 +160,18 @@ class Holder:
     """Client of a holder daemon at ``path``."""
 
     def __init__(self, path: str):
-        self.path = path
+        self.path = check_text(path, "holder socket path", "Holder", path=True, max_len=107)
 
     @classmethod
     def spawn(cls, path: str, timeout: float = 10.0, request_timeout: float | None = None) -> Holder:
         """Start a detached holder daemon at ``path`` (replacing a stale socket) and wait for it."""
+        path = cls(path).path  # checks the path
+        for what, value in (("timeout", timeout), ("request_timeout", request_timeout)):
+            if value is None and what == "request_timeout":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
+                raise ArgumentOutOfRange(errno.EINVAL, "spawn holder", path,
+                                         f"{what} must be a positive number of seconds, not {value!r}")
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -189,7 +196,13 @@ class Holder:
         raise HolderError(errno.ETIMEDOUT, "spawn holder", path, f"no holder answered within {timeout} s")
 
     def _request(self, header: dict[str, Any], fds: list[int] = ()) -> handoff.Message:
-        with handoff.connect(self.path) as sock:
+        try:
+            sock = handoff.connect(self.path)
+        except PyvfioError as exc:
+            raise HolderError(exc.errno, f"holder {header.get('op')}", self.path,
+                              f"no holder is listening there ({exc.strerror}); start one with Holder.spawn "
+                              "or `pyvfio-lu holder`") from None
+        with sock:
             handoff.check_peer(sock, os.getuid())
             handoff.send_message(sock, header, fds)
             reply = handoff.recv_message(sock)
@@ -203,6 +216,9 @@ class Holder:
 
     def hold(self, name: str, file: FileLike, manifest: dict | None = None) -> None:
         """Give the holder its own reference to ``file`` under ``name``."""
+        check_text(name, "name", "holder hold", self.path, max_len=1024)
+        fileno_of(file)
+        _check_manifest(manifest, self.path)
         self._request({"op": "hold", "names": [name], "manifest": {name: manifest or {}}}, [fileno_of(file)])
 
     def hold_session(self, session, manifest: dict | None = None) -> None:
@@ -214,7 +230,14 @@ class Holder:
 
         Each is held under ``session:<name>`` with :func:`handoff.session_manifest` as its manifest.
         """
+        from .luo import Session
+
         sessions = list(sessions)
+        for s in sessions:
+            if not isinstance(s, Session):
+                raise BadArgumentType(errno.EINVAL, "holder hold", self.path,
+                                      f"hold_session(s) takes LUO Session objects, not {type(s).__name__}")
+        _check_manifest(manifest, self.path)
         names = [handoff.session_key(s.name) for s in sessions]
         info = {n: handoff.session_manifest(s, manifest) for n, s in zip(names, sessions)}
         fds = [s.fileno() for s in sessions]
@@ -254,6 +277,7 @@ class Holder:
 
     def fetch(self, name: str) -> OwnedFd:
         """A new fd for what the holder keeps under ``name`` (it keeps its own)."""
+        check_text(name, "name", "holder fetch", self.path, max_len=1024)
         reply = self._request({"op": "fetch", "targets": [name]})
         try:
             return reply.fds.pop(name)
@@ -264,6 +288,7 @@ class Holder:
     def release(self, name: str) -> None:
         """The holder closes what it keeps under ``name`` (for a session: un-preserves it
         unless another fd for it is open elsewhere)."""
+        check_text(name, "name", "holder release", self.path, max_len=1024)
         self._request({"op": "release", "targets": [name]})
 
     def stop(self) -> None:
@@ -272,6 +297,20 @@ class Holder:
 
 
 LIVEUPDATE_KEY = "liveupdate"  # a /dev/liveupdate fd lent with a hold request (never kept)
+
+
+def _check_manifest(manifest: object, path: str) -> None:
+    """A manifest is None or a dict that JSON can carry; BadArgumentType otherwise."""
+    if manifest is None:
+        return
+    if not isinstance(manifest, dict):
+        raise BadArgumentType(errno.EINVAL, "holder hold", path, f"a manifest is a dict, not {type(manifest).__name__}")
+    import json
+
+    try:
+        json.dumps(manifest)
+    except (TypeError, ValueError) as exc:
+        raise BadArgumentType(errno.EINVAL, "holder hold", path, f"the manifest is not JSON-serialisable: {exc}") from None
 
 
 class _Ledger:

@@ -29,7 +29,17 @@ if TYPE_CHECKING:
     from typing import Any
 
 from ._cffi import ffi, lib
-from .errors import InvalidArgument, NotFound, NotSupported, PyvfioError, UnsafeOperation, check_int, error_for
+from .errors import (
+    BadArgumentType,
+    InvalidArgument,
+    NotFound,
+    NotSupported,
+    PyvfioError,
+    UnsafeOperation,
+    check_bytes,
+    check_int,
+    error_for,
+)
 from .fd import FileLike, OwnedFd, fileno_of
 from .ioctl import FdKind, call
 
@@ -87,9 +97,19 @@ class DmaBuffer:
         return memoryview(ffi.buffer(self._ptr, self.size))
 
     def read(self, offset: int = 0, length: int | None = None) -> bytes:
-        return bytes(self.view()[offset: self.size if length is None else offset + length])
+        """``length`` bytes from ``offset`` (to the end when None); out of the buffer: ArgumentOutOfRange."""
+        check_int(offset, "offset", 0, self.size, "DmaBuffer.read")
+        if length is None:
+            length = self.size - offset
+        check_int(length, "length", 0, self.size - offset, "DmaBuffer.read", f"{self.size}-byte buffer at {offset}")
+        return bytes(self.view()[offset: offset + length])
 
     def write(self, data: bytes, offset: int = 0) -> None:
+        """Copy ``data`` (bytes-like) in at ``offset``; it must fit: ArgumentOutOfRange otherwise."""
+        check_bytes(data, "data", "DmaBuffer.write")
+        data = memoryview(data).cast("B")
+        check_int(offset, "offset", 0, self.size - len(data), "DmaBuffer.write",
+                  f"{len(data)} bytes into a {self.size}-byte buffer")
         self.view()[offset: offset + len(data)] = data
 
     def close(self) -> None:
@@ -133,6 +153,7 @@ class IovaAllocator:
         self._next = [r.start for r in self.ranges]
 
     def alloc(self, size: int) -> int:
+        check_int(size, "size", 1, U64_MAX, "IOVA allocation")
         size = -(-size // PAGE) * PAGE
         align = min(1 << (size.bit_length() - 1), 1 << 30)
         for i, r in enumerate(self.ranges):
@@ -148,7 +169,12 @@ def _address_of(buffer: Any) -> tuple[int, int, Any]:
     while it is alive), so it is kept with the mapping."""
     if isinstance(buffer, DmaBuffer):
         return buffer.address, buffer.size, None
-    view = memoryview(buffer)
+    try:
+        view = memoryview(buffer)
+    except TypeError:
+        raise BadArgumentType(errno.EINVAL, "DMA map", type(buffer).__name__,
+                              "the buffer must be a DmaBuffer, an mmap or another writable buffer "
+                              "(or an int address with unsafe_address=True)") from None
     if view.readonly:
         raise InvalidArgument(errno.EINVAL, "DMA map", type(buffer).__name__, "the buffer must be writable")
     if not view.contiguous:
@@ -286,6 +312,7 @@ class Iommu:
         else:
             vaddr, length, export = _address_of(buffer)
             if size is not None:
+                check_int(size, "size", 1, U64_MAX, "DMA map", self.target)
                 if size > length:
                     raise InvalidArgument(errno.EINVAL, "DMA map", f"{length}-byte buffer", f"size {size} exceeds the buffer")
                 length = size
@@ -322,7 +349,12 @@ class Iommu:
         """IOMMU_IOAS_MAP_FILE: map ``size`` bytes of a memfd at ``offset`` (iommufd mode only).
         The mapping pins the file's pages; it does not depend on any process address."""
         self._need_iommufd("IOMMU_IOAS_MAP_FILE")
-        if iova is None:
+        fileno_of(file)
+        check_int(size, "size", 1, U64_MAX, "IOMMU_IOAS_MAP_FILE", self.target)
+        check_int(offset, "offset", 0, U64_MAX, "IOMMU_IOAS_MAP_FILE", self.target)
+        if iova is not None:
+            check_int(iova, "iova", 0, U64_MAX, "IOMMU_IOAS_MAP_FILE", self.target)
+        else:
             iova = (self.allocator or self.iova_allocator()).alloc(size)
         flags = lib.IOMMU_IOAS_MAP_FIXED_IOVA | (lib.IOMMU_IOAS_MAP_READABLE if readable else 0) \
             | (lib.IOMMU_IOAS_MAP_WRITEABLE if writeable else 0)
@@ -341,8 +373,10 @@ class Iommu:
         if isinstance(mapping, Mapping):
             iova, size = mapping.iova, mapping.size
         else:
-            iova = mapping
-            if size is None:
+            iova = check_int(mapping, "iova", 0, U64_MAX, "DMA unmap", self.target)
+            if size is not None:
+                check_int(size, "size", 1, U64_MAX, "DMA unmap", self.target)
+            else:
                 known = self.mappings.get(iova)
                 if known is None:
                     raise InvalidArgument(errno.EINVAL, "DMA unmap", f"iova {iova:#x}", "size is required")

@@ -86,9 +86,21 @@ def execute() -> None:
 
 def cmdline_with(cmdline: str, **params: str) -> str:
     """``cmdline`` with each ``key=value`` in ``params`` replaced or appended (dots in keys
-    are written as ``__``: ``pyvfio_lu__stage="2"``)."""
+    are written as ``__``: ``pyvfio_lu__stage="2"``). A value is a str or an int with no
+    whitespace, quote or NUL (the kernel would split it): ArgumentOutOfRange otherwise."""
+    from .errors import ArgumentOutOfRange, BadArgumentType
+
+    if not isinstance(cmdline, str):
+        raise BadArgumentType(22, "kernel command line", repr(cmdline)[:60],
+                              f"a command line is a str, not {type(cmdline).__name__}")
     words = cmdline.split()
     for key, value in params.items():
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise BadArgumentType(22, "kernel command line", key, f"the value of {key} is a str or int, not {type(value).__name__}")
+        value = str(value)
+        if any(c.isspace() or c in "\"'\0" for c in value):
+            raise ArgumentOutOfRange(22, "kernel command line", key,
+                                     f"the value {value!r} of {key} has whitespace, a quote or a NUL")
         key = key.replace("__", ".")
         words = [w for w in words if w.split("=", 1)[0] != key] + [f"{key}={value}"]
     return " ".join(words)

@@ -33,6 +33,7 @@ from . import procfs
 from ._cffi import ffi, lib
 from .errors import (
     AlreadyPreserved,
+    ArgumentOutOfRange,
     BadFileDescriptor,
     InvalidSessionName,
     InvalidToken,
@@ -40,6 +41,7 @@ from .errors import (
     NotPreservable,
     SessionClosed,
     WrongSessionDirection,
+    check_text,
     error_for,
 )
 from .fd import FileLike, OwnedFd, fileno_of
@@ -98,7 +100,7 @@ class LiveUpdate:
     """
 
     def __init__(self, path: str = DEVICE_PATH, *, adopt_ledgers: bool = True):
-        self.path = path
+        self.path = path = check_text(path, "path", "open /dev/liveupdate", path=True)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
@@ -187,7 +189,8 @@ class Session:
 
     def __init__(self, fd: int, name: str, direction: str, owned: bool = True):
         if direction not in (OUTGOING, INCOMING):
-            raise ValueError(f"direction must be {OUTGOING!r} or {INCOMING!r}")
+            raise ArgumentOutOfRange(errno.EINVAL, "Session", repr(name),
+                                     f"direction must be {OUTGOING!r} or {INCOMING!r}, not {direction!r}")
         self._fd = OwnedFd(fd, f"LUO session {name!r}", owned=owned)
         self.name = name
         self.direction = direction

@@ -14,8 +14,18 @@ import hashlib
 import os
 from dataclasses import dataclass
 
-from .errors import PermissionDenied, PyvfioError, error_for
+from .errors import (
+    ArgumentOutOfRange,
+    BadArgumentType,
+    PermissionDenied,
+    PyvfioError,
+    check_bytes,
+    check_int,
+    error_for,
+)
 from .fd import OwnedFd
+
+OFF_MAX = 2**63 - 1  # off_t
 
 SEALS = {
     "seal": fcntl.F_SEAL_SEAL,
@@ -100,7 +110,10 @@ class Memfd(OwnedFd):
 
     # --- contents ------------------------------------------------------------------------
     def pwrite_all(self, data: bytes, offset: int) -> None:
-        view = memoryview(data)
+        """Write all of ``data`` (bytes-like) at ``offset``."""
+        check_bytes(data, "data", "write", self.what)
+        check_int(offset, "offset", 0, OFF_MAX, "write", self.what)
+        view = memoryview(data).cast("B")
         while view:
             try:
                 n = os.pwrite(self.fileno(), view, offset)
@@ -128,10 +141,12 @@ class Memfd(OwnedFd):
         return os.lseek(self.fileno(), 0, os.SEEK_CUR)
 
     def seek(self, position: int) -> None:
+        check_int(position, "position", 0, OFF_MAX, "lseek", self.what)
         os.lseek(self.fileno(), position, os.SEEK_SET)
 
     def resize(self, size: int) -> None:
         """ftruncate; MemfdFrozen while the memfd is preserved."""
+        check_int(size, "size", 0, OFF_MAX, "ftruncate", self.what)
         try:
             os.ftruncate(self.fileno(), size)
         except OSError as exc:
@@ -153,8 +168,9 @@ class Memfd(OwnedFd):
         """
         bits = 0
         for name in names:
-            if name not in SEALS:
-                raise ValueError(f"unknown seal {name!r}; known: {', '.join(SEALS)}")
+            if not isinstance(name, str) or name not in SEALS:
+                raise ArgumentOutOfRange(errno.EINVAL, "F_ADD_SEALS", self.what,
+                                         f"unknown seal {name!r}; known: {', '.join(SEALS)}")
             bits |= SEALS[name]
         try:
             fcntl.fcntl(self.fileno(), fcntl.F_ADD_SEALS, bits)
@@ -174,7 +190,14 @@ class Memfd(OwnedFd):
                                       f"contents differ: {len(got)} bytes, expected {len(expected)}")
             return
         if isinstance(expected, dict):
-            expected = MemfdState(**expected)
+            try:
+                expected = MemfdState(**expected)
+            except TypeError as exc:
+                raise BadArgumentType(errno.EINVAL, "verify", self.what,
+                                      f"a state dict has exactly size, position, seals, sha256 ({exc})") from None
+        if not isinstance(expected, MemfdState):
+            raise BadArgumentType(errno.EINVAL, "verify", self.what,
+                                  f"expected a MemfdState, its dict or bytes, not {type(expected).__name__}")
         got_state = self.state()
         diffs = [f"{field}: {getattr(got_state, field)!r} != expected {getattr(expected, field)!r}"
                  for field in ("size", "position", "seals", "sha256")

@@ -22,6 +22,9 @@ import errno
 import os
 from collections import namedtuple
 
+from .errors import check_text, error_for
+from .fd import fileno_of
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -145,6 +148,7 @@ def fd_bound(fd: int) -> bool:
 def bdf_of_fd(fd: int, link: str | None = None) -> str | None:
     """The PCI address of a VFIO device fd: from ``fdinfo`` (vfio-device-syspath) where the
     kernel shows it, else from a cdev path's sysfs entry."""
+    fd = fileno_of(fd)
     try:
         with open(f"/proc/self/fdinfo/{fd}") as fh:
             for line in fh:
@@ -163,8 +167,9 @@ def bdf_of_fd(fd: int, link: str | None = None) -> str | None:
 
 
 def bdf_of_cdev(path: str, sysfs: str = "/sys") -> str | None:
-    """``/dev/vfio/devices/vfioN`` -> its device's BDF, from ``/sys/class/vfio-dev/vfioN/device``."""
-    name = os.path.basename(path)
+    """``/dev/vfio/devices/vfioN`` -> its device's BDF, from ``/sys/class/vfio-dev/vfioN/device``;
+    None for any other path."""
+    name = os.path.basename(check_text(path, "cdev path", "bdf_of_cdev", path=True))
     if not (name.startswith("vfio") and name[4:].isdigit() and name[4:].isascii()):
         return None
     try:
@@ -178,6 +183,9 @@ _IRQ_NAME = r"vfio-(intx|msix?)(?:\[(\d+)\])?\(([0-9a-fA-F:.]+)\)"
 
 def irqs_enabled(bdf: str, interrupts: str = "/proc/interrupts") -> dict[str, int]:
     """{"intx"|"msi"|"msix": lines} vfio-pci has requested for ``bdf``, as the kernel lists them."""
+    from .sysfs import parse_bdf
+
+    bdf = parse_bdf(bdf)
     out: dict[str, int] = {}
     try:
         with open(interrupts, errors="replace") as fh:
@@ -193,6 +201,10 @@ def irqs_enabled(bdf: str, interrupts: str = "/proc/interrupts") -> dict[str, in
 
 
 def power_state(bdf: str, sysfs: str = "/sys") -> str | None:
+    """The device's PCI power state (``D0``, ``D3hot``...), None when sysfs does not say."""
+    from .sysfs import parse_bdf
+
+    bdf = parse_bdf(bdf)
     try:
         with open(f"{sysfs}/bus/pci/devices/{bdf}/power_state") as fh:
             return fh.read().strip()
@@ -205,8 +217,12 @@ def why_not(fd: int, bdf: str | None = None, link: str | None = None, bound: boo
     after preserving it), in words; [] when none is known. Changes nothing: the binding is
     asked of the kernel (a device ioctl, which resumes a runtime-suspended device) only when
     ``bound`` is not known, and after the power state was read."""
+    fd = fileno_of(fd)
     if link is None:
-        link = os.readlink(f"/proc/self/fd/{fd}")
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError as exc:
+            raise error_for(exc.errno or 0, "why_not", f"fd {fd}") from None
     support = device_preservation()
     reasons = []
     if support.supported is False:

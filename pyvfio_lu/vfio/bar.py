@@ -44,7 +44,7 @@ class Bar:
         return bool(self._maps)
 
     def _check(self, offset: int, width: int) -> None:
-        if width not in _READ:
+        if type(width) is not int or width not in _READ:
             raise InvalidArgument(errno.EINVAL, f"BAR{self.info.index} access", self.device.name,
                                   f"width {width!r} is not 1, 2, 4 or 8 bytes")
         check_int(offset, "offset", 0, U64_MAX, f"BAR{self.info.index} access", self.device.name)

@@ -35,10 +35,11 @@ from ..errors import (
     NotSupported,
     PyvfioError,
     TryAgain,
+    check_bytes,
     check_int,
     error_for,
 )
-from ..fd import OwnedFd
+from ..fd import OwnedFd, fileno_of
 from ..iommu import Iommu
 from ..ioctl import FdKind, call, fd_kind  # noqa: F401
 from ..preservation import bdf_of_cdev, bdf_of_fd
@@ -277,6 +278,7 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
     # --- region access -----------------------------------------------------------------------
     def region_read(self, index: int, offset: int, size: int) -> bytes:
         """pread from a region (for regions that cannot be mapped, and config space)."""
+        check_int(index, "region index", 0, U32_MAX, "read region", self.name)
         check_int(offset, "offset", 0, U64_MAX, f"read region {index}", self.name)
         check_int(size, "size", 0, 1 << 30, f"read region {index}", self.name)
         r = self._region(index)
@@ -344,8 +346,7 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
 
     def bar(self, index: int, mmap: bool = True) -> Bar:
         """BAR ``index`` (0-5), mapped once and kept until close()."""
-        if not 0 <= index <= 5:
-            raise InvalidArgument(errno.EINVAL, "bar", self.name, f"BAR index {index} is not 0-5")
+        check_int(index, "BAR index", 0, 5, "bar", self.name)
         if index not in self._bars:
             self._bars[index] = Bar(self, self.region_info(index), mmap=mmap)
         return self._bars[index]
@@ -381,7 +382,10 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
     def hot_reset(self, group_fds: list[int] = ()) -> None:
         """VFIO_DEVICE_PCI_HOT_RESET. cdev devices pass no fds (ownership comes from the
         iommufd); group-opened devices pass the fd of every affected group."""
-        fds = list(group_fds) or ([] if self.cdev else [self._group.fileno()] if self._group else [])
+        if not isinstance(group_fds, (list, tuple)):
+            raise BadArgumentType(errno.EINVAL, "VFIO_DEVICE_PCI_HOT_RESET", self.name,
+                                  f"group_fds must be a list of group fds, not {type(group_fds).__name__}")
+        fds = [fileno_of(f) for f in group_fds] or ([] if self.cdev else [self._group.fileno()] if self._group else [])
         payload = b"".join(f.to_bytes(4, "little", signed=True) for f in fds)
         arg = _with_payload("VFIO_DEVICE_PCI_HOT_RESET", payload)
         arg.count = len(fds)
@@ -390,6 +394,8 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
     # --- device features -------------------------------------------------------------------
     def feature_probe(self, feature: int, op: int = 0) -> bool:
         """Does the device support ``feature`` (for GET/SET as given in ``op``)?"""
+        check_int(feature, "feature", 0, 0xFFFF, "VFIO_DEVICE_FEATURE", self.name)
+        check_int(op, "op", 0, U32_MAX, "VFIO_DEVICE_FEATURE", self.name)
         try:
             self._call("VFIO_DEVICE_FEATURE", flags=feature | lib.VFIO_DEVICE_FEATURE_PROBE | op)
             return True
@@ -397,10 +403,14 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
             return False
 
     def feature_get(self, feature: int, size: int) -> bytes:
+        check_int(feature, "feature", 0, 0xFFFF, "VFIO_DEVICE_FEATURE", self.name)
+        check_int(size, "size", 0, 1 << 20, "VFIO_DEVICE_FEATURE", self.name)
         arg = self._call("VFIO_DEVICE_FEATURE", extra=size, flags=feature | lib.VFIO_DEVICE_FEATURE_GET)
         return bytes(ffi.buffer(arg.data, size))
 
     def feature_set(self, feature: int, payload: bytes = b"") -> None:
+        check_int(feature, "feature", 0, 0xFFFF, "VFIO_DEVICE_FEATURE", self.name)
+        check_bytes(payload, "payload", "VFIO_DEVICE_FEATURE", self.name)
         arg = _feature(feature | lib.VFIO_DEVICE_FEATURE_SET, payload)
         self._call("VFIO_DEVICE_FEATURE", arg)
 

@@ -102,6 +102,8 @@ class IrqsMixin:
 def _irq_set(index: int, start: int, count: int, flags: int, payload: bytes = b"") -> Any:
     from .device import _with_payload
 
+    check_int(index, "IRQ index", 0, U32_MAX, "VFIO_DEVICE_SET_IRQS")
+    check_int(start, "vector", 0, U32_MAX, "VFIO_DEVICE_SET_IRQS")
     arg = _with_payload("VFIO_DEVICE_SET_IRQS", payload)
     arg.index, arg.start, arg.count, arg.flags = index, start, count, flags
     return arg
