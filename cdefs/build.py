@@ -37,14 +37,16 @@ def declared_constants(header: str) -> list[str]:
 
 headers = {name: _load(name).HEADER for name in HEADER_MODULES}
 helpers = _load("helpers")
+batch = _load("batch")
 
 ffibuilder = FFI()
 for text in headers.values():
     ffibuilder.cdef(to_cdef(text))
 ffibuilder.cdef(helpers.CDEF)
+ffibuilder.cdef(batch.CDEF)
 ffibuilder.set_source(
     "pyvfio_lu._cffi",
-    helpers.SOURCE + "\n".join(headers.values()),
+    helpers.SOURCE + "\n".join(headers.values()) + batch.SOURCE,
     extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
 )
 
