@@ -304,6 +304,12 @@ class MappingExists(VfioError, FileExistsError):
     default_reason = "the IOVA range overlaps an existing mapping (unmap it first, or choose another IOVA)"
 
 
+class RegisterTimeout(VfioError, TimeoutError):
+    """A polled device register did not reach the wanted value before the deadline."""
+
+    default_reason = "the register did not reach the wanted value in time"
+
+
 class UnsafeOperation(VfioError, ValueError):
     """A request that would let a device DMA into memory the caller does not own."""
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 from ._cffi import ffi, lib
 from .errors import (
+    ArgumentOutOfRange,
     BadArgumentType,
     InvalidArgument,
     NotFound,
@@ -80,7 +81,7 @@ class DmaBuffer:
             raise error_for(err[0], "mmap", f"DMA buffer of {size} bytes")
         self._ptr = ptr
         self.size = size
-        self.mapped_by: set[int] = set()  # id() of Iommus that map it
+        self.mapped_by = _Pins()  # id() of each Iommu that maps (a piece of) it, counted
 
     @property
     def address(self) -> int:
@@ -128,6 +129,22 @@ class DmaBuffer:
         self.close()
 
 
+class _Pins(dict):
+    """A counted set: ``add`` one more mapping by an owner, ``discard`` one less; an owner is
+    present while any of its mappings is (a buffer mapped in many pieces stays pinned until
+    the last piece is unmapped)."""
+
+    def add(self, owner: int, n: int = 1) -> None:
+        self[owner] = self.get(owner, 0) + n
+
+    def discard(self, owner: int) -> None:
+        left = self.get(owner, 0) - 1
+        if left > 0:
+            self[owner] = left
+        else:
+            self.pop(owner, None)
+
+
 class Mapping:
     """One DMA mapping: ``vaddr`` is None for IOMMU_IOAS_MAP_FILE mappings; ``keepalive``
     holds the buffer (and its export) so it cannot go away while mapped."""
@@ -162,6 +179,31 @@ class IovaAllocator:
                 self._next[i] = iova + size
                 return iova
         raise PyvfioError(errno.ENOSPC, "IOVA allocation", f"{size} bytes", "no room left in the allowed IOVA ranges")
+
+
+def _piece_columns(pieces: Any, operation: str, target: str) -> tuple[list[int], list[int], list[int]]:
+    """(offsets, iovas, sizes) of a sequence of (offset, iova, size) triples."""
+    try:
+        columns = tuple(zip(*pieces, strict=True))
+    except (TypeError, ValueError):
+        columns = ()
+    if len(columns) != 3 and pieces:
+        bad = next((i for i, p in enumerate(pieces) if not (isinstance(p, (tuple, list)) and len(p) == 3)), 0)
+        raise BadArgumentType(errno.EINVAL, operation, target,
+                              f"piece {bad} is not an (offset, iova, size) triple; nothing was mapped")
+    if not columns:
+        return [], [], []
+    return list(columns[0]), list(columns[1]), list(columns[2])
+
+
+def _u64s(values: list[int], what: str, operation: str, target: str) -> Any:
+    """``values`` as a C ``uint64_t[]``; the first bad element named (index and value) otherwise."""
+    try:
+        return ffi.new("uint64_t[]", values) if values else ffi.new("uint64_t[]", 1)
+    except (TypeError, OverflowError):
+        for i, v in enumerate(values):
+            check_int(v, f"{what} of piece {i}", 0, U64_MAX, operation, target)
+        raise
 
 
 def _address_of(buffer: Any) -> tuple[int, int, Any]:
@@ -343,6 +385,106 @@ class Iommu:
             buffer.mapped_by.add(id(self))
         self.mappings[iova] = m
         return m
+
+    def map_many(self, buffer: Any, pieces: Any, *, readable: bool = True, writeable: bool = True,
+                 unsafe_address: bool = False) -> list[Mapping]:
+        """Map many pieces of one buffer in one call, the loop in C (one IOMMU_IOAS_MAP or
+        VFIO_IOMMU_MAP_DMA per piece, the argument struct prepared once).
+
+        ``pieces``: ``(offset in the buffer, iova, size)`` triples. Every piece is checked as
+        :meth:`map` checks one (integers, page-aligned, non-empty, inside the buffer) before
+        the first is mapped; a bad one raises ArgumentOutOfRange / BadArgumentType naming
+        its index, and nothing is mapped. When the kernel refuses piece ``i`` (an overlap:
+        MappingExists; no room: NoSpace...), the pieces before it stay mapped and listed,
+        and the error carries ``index`` (i) and ``mappings`` (the Mappings made before it).
+        Returns the Mappings, in order."""
+        if isinstance(buffer, int) and not isinstance(buffer, bool):
+            if not unsafe_address:
+                raise UnsafeOperation(errno.EINVAL, "DMA map", f"address {buffer:#x}",
+                                      "mapping a raw address needs unsafe_address=True (nothing keeps that memory alive)")
+            check_int(buffer, "address", 0, U64_MAX, "DMA map", self.target)
+            base, buflen, keep = buffer, U64_MAX - buffer, None
+        else:
+            base, buflen, export = _address_of(buffer)
+            keep = (buffer, export)
+        offsets, iovas, sizes = _piece_columns(pieces, "DMA map", self.target)
+        n = len(offsets)
+        arrays = [_u64s(col, name, "DMA map", self.target) for col, name in
+                  ((offsets, "offset"), (iovas, "iova"), (sizes, "size"))]
+        bad = lib.pvl_check_pieces(base, buflen, PAGE, n, *arrays)
+        if bad < n:
+            raise ArgumentOutOfRange(errno.EINVAL, "DMA map", self.target,
+                                     f"piece {bad} (offset {offsets[bad]:#x}, iova {iovas[bad]:#x}, size "
+                                     f"{sizes[bad]:#x}) is empty, not {PAGE}-byte aligned or outside the "
+                                     f"{buflen:#x}-byte buffer; nothing was mapped")
+        err = ffi.new("int *")
+        if self.is_iommufd:
+            flags = lib.IOMMU_IOAS_MAP_FIXED_IOVA | (lib.IOMMU_IOAS_MAP_READABLE if readable else 0) \
+                | (lib.IOMMU_IOAS_MAP_WRITEABLE if writeable else 0)
+            done = lib.pvl_ioas_map_many(self.fileno(), self.ioas_id, flags, n, base, *arrays, err)
+            operation = "IOMMU_IOAS_MAP"
+        else:
+            flags = (lib.VFIO_DMA_MAP_FLAG_READ if readable else 0) | (lib.VFIO_DMA_MAP_FLAG_WRITE if writeable else 0)
+            done = lib.pvl_type1_map_many(self.fileno(), flags, n, base, *arrays, err)
+            operation = "VFIO_IOMMU_MAP_DMA"
+        made = [Mapping(i, s, base + o, keep) for o, i, s in zip(offsets[:done], iovas[:done], sizes[:done])]
+        self.mappings.update(zip(iovas[:done], made))
+        if isinstance(buffer, DmaBuffer) and done:
+            buffer.mapped_by.add(id(self), done)
+        if done < n:
+            exc = error_for(err[0], operation, f"{self.target} piece {done} of {n} (iova {iovas[done]:#x} size "
+                                               f"{sizes[done]:#x}); pieces 0-{done - 1} are mapped" if done else
+                            f"{self.target} piece 0 of {n} (iova {iovas[0]:#x} size {sizes[0]:#x}); nothing was mapped")
+            exc.index, exc.mappings = done, made
+            raise exc
+        return made
+
+    def unmap_many(self, ranges: Any) -> int:
+        """Unmap many Mappings (or ``(iova, size)`` pairs) in one call, the loop in C.
+
+        Checked first like :meth:`unmap` (a pair's size is required). The loop stops at the
+        first range the kernel refuses or that unmapped nothing (NotFound, in every mode);
+        the ranges before it are unmapped and forgotten, and the error carries ``index``.
+        Bookkeeping follows what the kernel reports for each range. Returns the bytes unmapped."""
+        if not isinstance(ranges, (list, tuple)):
+            ranges = list(ranges)
+        iovas, sizes = [], []
+        for i, r in enumerate(ranges):
+            if isinstance(r, Mapping):
+                iovas.append(r.iova)
+                sizes.append(r.size)
+            elif isinstance(r, tuple) and len(r) == 2:
+                iovas.append(check_int(r[0], f"range {i} iova", 0, U64_MAX, "DMA unmap", self.target))
+                sizes.append(check_int(r[1], f"range {i} size", 1, U64_MAX, "DMA unmap", self.target))
+            else:
+                raise BadArgumentType(errno.EINVAL, "DMA unmap", self.target,
+                                      f"range {i} is a Mapping or an (iova, size) pair, not {type(r).__name__}")
+        n = len(iovas)
+        out = ffi.new("uint64_t[]", n or 1)
+        err = ffi.new("int *")
+        if self.is_iommufd:
+            done = lib.pvl_ioas_unmap_many(self.fileno(), self.ioas_id, n, iovas, sizes, out, err)
+            operation = "IOMMU_IOAS_UNMAP"
+        else:
+            done = lib.pvl_type1_unmap_many(self.fileno(), n, iovas, sizes, out, err)
+            operation = "VFIO_IOMMU_UNMAP_DMA"
+        lengths = ffi.unpack(out, done)
+        mappings = self.mappings
+        for iova, size, got in zip(iovas, sizes, lengths):
+            m = mappings.get(iova)
+            if m is not None and m.size == size == got:  # the usual case, inline
+                del mappings[iova]
+                if m.keepalive:
+                    self._release(m)
+            else:
+                self._forget_done(iova, size, got)
+        if done < n:
+            exc = error_for(err[0], operation, f"{self.target} range {done} of {n} (iova {iovas[done]:#x} size "
+                                               f"{sizes[done]:#x}); ranges before it are unmapped",
+                            "nothing is mapped in that IOVA range" if err[0] == errno.ENOENT else "")
+            exc.index = done
+            raise exc
+        return sum(lengths)
 
     def map_file(self, file: FileLike, iova: int | None = None, *, offset: int = 0, size: int,
                  readable: bool = True, writeable: bool = True) -> Mapping:

@@ -27,19 +27,22 @@ import warnings
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:
-    from typing import Iterator
+    from typing import Any, Iterator
 
 from . import procfs
 from ._cffi import ffi, lib
 from .errors import (
     AlreadyPreserved,
     ArgumentOutOfRange,
+    BadArgumentType,
     BadFileDescriptor,
     InvalidSessionName,
     InvalidToken,
     LiveUpdateBusy,
     NotPreservable,
+    PyvfioError,
     SessionClosed,
+    TokenInUse,
     WrongSessionDirection,
     check_text,
     error_for,
@@ -262,15 +265,74 @@ class Session:
         try:
             call(FdKind.LUO_SESSION, sfd, "LIVEUPDATE_SESSION_PRESERVE_FD", fd=fd, token=token, target=target)
         except (NotPreservable, AlreadyPreserved) as exc:
-            kind, link = fd_kind(fd)
-            if kind is FdKind.VFIO_DEVICE:
-                from .preservation import preserve_error
+            raise _preserve_refused(exc, fd, file, target()) from None
+        self._note_preserved(file, fd, token)
 
-                raise preserve_error(exc, fd, link, target(), getattr(file, "bdf", None)) from None
-            if isinstance(exc, AlreadyPreserved):
-                raise
-            raise NotPreservable(exc.errno, exc.operation, target(),
-                                 f"the kernel has no live-update handler for this kind of file ({link})") from None
+    def preserve_many(self, items: Any) -> None:
+        """Preserve many ``(file, token)`` pairs in one call, the loop in C (one
+        LIVEUPDATE_SESSION_PRESERVE_FD per file, the argument struct prepared once).
+
+        Every pair is checked first as :meth:`preserve` checks one, and a token used twice
+        in the batch, or already preserved through this object, is TokenInUse: nothing is
+        preserved then. When the kernel refuses file ``i``, the files before it are
+        preserved (and recorded, as by :meth:`preserve`), and the error is the one
+        :meth:`preserve` would raise for that file, with ``index`` (i) set."""
+        sfd = self._need(OUTGOING, "LIVEUPDATE_SESSION_PRESERVE_FD")
+        items = list(items)
+        files, tokens, fds = [], [], []
+        for i, item in enumerate(items):
+            if not (isinstance(item, tuple) and len(item) == 2):
+                raise BadArgumentType(errno.EINVAL, "LIVEUPDATE_SESSION_PRESERVE_FD", self.target,
+                                      f"item {i} is not a (file, token) pair; nothing was preserved")
+            files.append(item[0])
+            tokens.append(check_token(item[1]))
+            fds.append(fileno_of(item[0]))
+        seen = set(self._preserved)
+        for i, token in enumerate(tokens):
+            if token in seen:
+                raise TokenInUse(errno.EEXIST, "LIVEUPDATE_SESSION_PRESERVE_FD", f"{self.target} (token {token:#x})",
+                                 f"token {token:#x} of item {i} is used twice (or already preserved); "
+                                 "nothing was preserved")
+            seen.add(token)
+        n = len(tokens)
+        err = ffi.new("int *")
+        done = lib.pvl_luo_preserve_many(sfd, n, fds, tokens, err) if n else 0
+        for file, fd, token in zip(files, fds, tokens[:done]):
+            self._note_preserved(file, fd, token)
+        if done < n:
+            target = f"{self.target} (token {tokens[done]:#x}, item {done} of {n}; items before it are preserved)"
+            exc = error_for(err[0], "LIVEUPDATE_SESSION_PRESERVE_FD", target)
+            if isinstance(exc, (NotPreservable, AlreadyPreserved)):
+                exc = _preserve_refused(exc, fds[done], files[done], target)
+            exc.index = done
+            raise exc
+
+    def retrieve_many(self, tokens: Any) -> list[OwnedFd]:
+        """The files preserved under ``tokens``, in one call, the loop in C; each a new fd
+        owned by its returned object. Checked first as :meth:`retrieve` checks one. When
+        the kernel refuses token ``i`` (NoSuchToken...), the fds retrieved before it are
+        closed again (a retrieve can be repeated: they stay retrievable), and the error
+        carries ``index``."""
+        sfd = self._need(INCOMING, "LIVEUPDATE_SESSION_RETRIEVE_FD")
+        tokens = [check_token(t) for t in tokens]
+        n = len(tokens)
+        out = ffi.new("int32_t[]", n or 1)
+        err = ffi.new("int *")
+        done = lib.pvl_luo_retrieve_many(sfd, n, tokens, out, err) if n else 0
+        fds = ffi.unpack(out, done)
+        if done < n:
+            for fd in fds:
+                os.close(fd)
+            exc = error_for(err[0], "LIVEUPDATE_SESSION_RETRIEVE_FD",
+                            f"{self.target} (token {tokens[done]:#x}, item {done} of {n}; nothing was kept)")
+            exc.index = done
+            raise exc
+        self._retrieved.update(tokens)
+        name = self.name
+        return [OwnedFd(fd, f"file {t:#x} of session {name!r}") for fd, t in zip(fds, tokens)]
+
+    def _note_preserved(self, file: FileLike, fd: int, token: int) -> None:
+        """Record what was preserved under ``token``, for the ledger and PreservationLost."""
         # what the file is, for the PreservationLost message: the object's own description
         # when it has one (Memfd, OwnedFd), else one readlink of /proc/self/fd
         what = getattr(file, "what", None)
@@ -406,6 +468,20 @@ def sessions_held(proc: str = "/proc") -> Iterator[tuple[str, procfs.FdHolder]]:
 # token).
 KHO_MAX_BLOCKS = 10_000
 _BLOCK_HEADER, _SESSION_ENTRY, _FILE_ENTRY = 16, 80, 64
+
+
+def _preserve_refused(exc: PyvfioError, fd: int, file: FileLike, target: str) -> PyvfioError:
+    """PRESERVE_FD's NotPreservable / AlreadyPreserved, said for what the file is: a VFIO
+    device gets the preservation checks' reasons, any other file its kind."""
+    kind, link = fd_kind(fd)
+    if kind is FdKind.VFIO_DEVICE:
+        from .preservation import preserve_error
+
+        return preserve_error(exc, fd, link, target, getattr(file, "bdf", None))
+    if isinstance(exc, AlreadyPreserved):
+        return exc
+    return NotPreservable(exc.errno, exc.operation, target,
+                          f"the kernel has no live-update handler for this kind of file ({link})")
 
 
 def kernel_limits(page_size: int | None = None) -> tuple[int, int]:

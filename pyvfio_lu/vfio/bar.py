@@ -8,8 +8,8 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type che
 if TYPE_CHECKING:
     from typing import Any
 
-from .._cffi import lib
-from ..errors import InvalidArgument, check_int
+from .._cffi import ffi, lib
+from ..errors import ArgumentOutOfRange, BadArgumentType, InvalidArgument, RegisterTimeout, check_int
 from .records import RegionInfo, SparseArea
 
 U64_MAX = 2**64 - 1
@@ -90,16 +90,115 @@ class Bar:
     def read32(self, offset: int) -> int:
         # the hot path, kept flat: bounds, alignment, one volatile 32-bit load
         ptr = self._ptr
-        if ptr is not None and 0 <= offset <= self.size - 4 and not offset & 3:
-            return lib.pvl_mmio_read32(ptr, offset)
+        try:
+            if ptr is not None and 0 <= offset <= self.size - 4 and not offset & 3:
+                return lib.pvl_mmio_read32(ptr, offset)
+        except TypeError:
+            pass
         return self.read(offset, 4)
 
     def write32(self, offset: int, value: int) -> None:
         ptr = self._ptr
-        if ptr is not None and 0 <= offset <= self.size - 4 and not offset & 3:
-            lib.pvl_mmio_write32(ptr, offset, value)
-        else:
-            self.write(offset, value, 4)
+        try:
+            if ptr is not None and 0 <= offset <= self.size - 4 and not offset & 3:
+                lib.pvl_mmio_write32(ptr, offset, value)
+                return
+        except (TypeError, OverflowError):
+            pass
+        self.write(offset, value, 4)
+
+    # --- many registers at once: the loop in C ---------------------------------------------
+    def _offsets(self, offsets: Any, width: int, what: str) -> tuple[int, Any]:
+        """(n, uint64_t[] of offsets), every offset checked against the BAR first."""
+        if type(width) is not int or width not in _READ:
+            raise InvalidArgument(errno.EINVAL, what, self.device.name, f"width {width!r} is not 1, 2, 4 or 8 bytes")
+        if not isinstance(offsets, (list, tuple)):
+            offsets = list(offsets) if isinstance(offsets, range) else _list_of(offsets, "offsets", what, self.device.name)
+        n = len(offsets)
+        arr = _u64_array(offsets, "offset", what, self.device.name)
+        bad = lib.pvl_mmio_check_block(self.size, width, n, arr)
+        if bad < n:
+            raise ArgumentOutOfRange(errno.EINVAL, what, self.device.name,
+                                     f"offset {offsets[bad]:#x} (item {bad}) is outside the {self.size:#x}-byte "
+                                     f"BAR or not {width}-byte aligned; nothing was accessed")
+        return n, arr
+
+    def read_block(self, offsets: Any, width: int = 4) -> list[int]:
+        """The register of ``width`` bytes at each of ``offsets`` (a list, tuple or range),
+        read in that order with one volatile access each, the loop in C. Every offset is
+        checked first (in the BAR, aligned): ArgumentOutOfRange naming the first bad one,
+        and nothing is read."""
+        what = f"BAR{self.info.index} block read"
+        n, arr = self._offsets(offsets, width, what)
+        if self._ptr is None:  # not mapped in one piece: the general path, one by one
+            return [self.read(int(o), width) for o in ffi.unpack(arr, n)]
+        out = ffi.new("uint64_t[]", n or 1)
+        lib.pvl_mmio_read_block(self._ptr, width, n, arr, out)
+        return ffi.unpack(out, n)
+
+    def write_block(self, offsets: Any, values: Any, width: int = 4) -> None:
+        """Write ``values[i]`` to the register of ``width`` bytes at ``offsets[i]``, in order,
+        one volatile store each, the loop in C. Offsets and values are all checked first
+        (same count, in the BAR, aligned, each value fits ``width`` bytes); nothing is
+        written when one is bad."""
+        what = f"BAR{self.info.index} block write"
+        n, arr = self._offsets(offsets, width, what)
+        if not isinstance(values, (list, tuple)):
+            values = _list_of(values, "values", what, self.device.name)
+        if len(values) != n:
+            raise InvalidArgument(errno.EINVAL, what, self.device.name, f"{n} offsets but {len(values)} values")
+        vals = _u64_array(values, "value", what, self.device.name)
+        if n and (max(values) >> (8 * width) or min(values) < 0):
+            i = next(i for i, v in enumerate(values) if v < 0 or v >> (8 * width))
+            raise ArgumentOutOfRange(errno.EINVAL, what, self.device.name,
+                                     f"value {values[i]:#x} (item {i}) does not fit {width} bytes; nothing was written")
+        if self._ptr is None:
+            for o, v in zip(ffi.unpack(arr, n), values):
+                self.write(int(o), v, width)
+            return
+        lib.pvl_mmio_write_block(self._ptr, width, n, arr, vals)
+
+    def poll(self, offset: int, mask: int, value: int, timeout: float, width: int = 4) -> int:
+        """Read the register at ``offset`` until ``register & mask == value`` or ``timeout``
+        seconds pass; the loop (reads and clock) runs in C with the GIL released. Returns
+        the matching register value; RegisterTimeout (with ``last``, the last value read, and
+        ``reads``) when the deadline passes. A BAR not mapped in one piece is polled from
+        Python, at most every millisecond."""
+        what = f"BAR{self.info.index} poll"
+        self._check(offset, width)
+        top = (1 << (8 * width)) - 1
+        check_int(mask, "mask", 0, top, what, self.device.name)
+        check_int(value, "value", 0, top, what, self.device.name)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 1e6:
+            raise ArgumentOutOfRange(errno.EINVAL, what, self.device.name,
+                                     f"timeout must be 0 to 1e6 seconds, not {timeout!r}")
+        if self._ptr is None:
+            return self._poll_slow(offset, mask, value, timeout, width, what)
+        last, reads = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        if lib.pvl_mmio_poll(self._ptr, width, offset, mask, value, int(timeout * 1e9), last, reads) == 0:
+            return int(last[0])
+        exc = RegisterTimeout(errno.ETIMEDOUT, what, self.device.name,
+                              f"register {offset:#x} & {mask:#x} never equalled {value:#x} in {timeout} s "
+                              f"({reads[0]} reads; last {last[0]:#x})")
+        exc.last, exc.reads = int(last[0]), int(reads[0])
+        raise exc
+
+    def _poll_slow(self, offset: int, mask: int, value: int, timeout: float, width: int, what: str) -> int:
+        import time
+
+        deadline, reads = time.monotonic() + timeout, 0
+        while True:
+            got = self.read(offset, width)
+            reads += 1
+            if got & mask == value:
+                return got
+            if time.monotonic() >= deadline:
+                exc = RegisterTimeout(errno.ETIMEDOUT, what, self.device.name,
+                                      f"register {offset:#x} & {mask:#x} never equalled {value:#x} in {timeout} s "
+                                      f"({reads} reads; last {got:#x})")
+                exc.last, exc.reads = got, reads
+                raise exc
+            time.sleep(0.001)
 
     def close(self) -> None:
         for _start, size, ptr in self._maps:
@@ -118,8 +217,11 @@ def _fast_read32(ptr, size: int, slow):
     load, limit = lib.pvl_mmio_read32, size - 4
 
     def read32(offset: int) -> int:
-        if 0 <= offset <= limit and not offset & 3:
-            return load(ptr, offset)
+        try:
+            if 0 <= offset <= limit and not offset & 3:
+                return load(ptr, offset)
+        except TypeError:  # not an int: the general path names it
+            pass
         return slow(offset, 4)
 
     return read32
@@ -129,12 +231,33 @@ def _fast_write32(ptr, size: int, slow):
     store, limit = lib.pvl_mmio_write32, size - 4
 
     def write32(offset: int, value: int) -> None:
-        if 0 <= offset <= limit and not offset & 3:
-            store(ptr, offset, value)
-        else:
-            slow(offset, value, 4)
+        try:
+            if 0 <= offset <= limit and not offset & 3:
+                store(ptr, offset, value)
+                return
+        except (TypeError, OverflowError):  # a value that does not fit: the general path names it
+            pass
+        slow(offset, value, 4)
 
     return write32
+
+
+def _list_of(values: Any, what: str, operation: str, target: str) -> list:
+    try:
+        return list(values)
+    except TypeError:
+        raise BadArgumentType(errno.EINVAL, operation, target,
+                              f"{what} must be a sequence of integers, not {type(values).__name__}") from None
+
+
+def _u64_array(values: Any, what: str, operation: str, target: str) -> Any:
+    """``values`` as a C ``uint64_t[]``, the first bad element named otherwise."""
+    try:
+        return ffi.new("uint64_t[]", values) if values else ffi.new("uint64_t[]", 1)
+    except (TypeError, OverflowError):
+        for i, v in enumerate(values):
+            check_int(v, f"{what} {i}", 0, U64_MAX, operation, target)
+        raise
 
 
 _READ = {1: lib.pvl_mmio_read8, 2: lib.pvl_mmio_read16, 4: lib.pvl_mmio_read32, 8: lib.pvl_mmio_read64}
