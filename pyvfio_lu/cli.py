@@ -13,6 +13,8 @@ import argparse
 import json
 import sys
 
+from . import __version__
+
 EXAMPLES = """\
 examples:
   pyvfio-lu devices                      PCI devices: driver, IOMMU group (and who shares it), VFIO cdev, NICs
@@ -225,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="VFIO devices and Linux live update (LUO) from the command line.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sysfs", default="/sys", help=argparse.SUPPRESS)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(name: str, help: str, description: str, example: str):

@@ -1,14 +1,14 @@
 """IOMMU contexts for VFIO devices, in the five modes of the kernel's VFIO selftests.
 
-=========================  ===================  =============================================
-mode                       opened               DMA mapping through
-=========================  ===================  =============================================
-``iommufd``                /dev/iommu + IOAS    IOMMU_IOAS_MAP / MAP_FILE (device: cdev + bind)
-``vfio_type1_iommu``       /dev/vfio/vfio       VFIO_IOMMU_MAP_DMA (device: group fd)
-``vfio_type1v2_iommu``     /dev/vfio/vfio       VFIO_IOMMU_MAP_DMA
-``iommufd_compat_type1``   /dev/iommu           VFIO_IOMMU_MAP_DMA (iommufd's VFIO compat)
-``iommufd_compat_type1v2`` /dev/iommu           VFIO_IOMMU_MAP_DMA
-=========================  ===================  =============================================
+==========================  ===================  =============================================
+mode                        opened               DMA mapping through
+==========================  ===================  =============================================
+``iommufd``                 /dev/iommu + IOAS    IOMMU_IOAS_MAP / MAP_FILE (device: cdev + bind)
+``vfio_type1_iommu``        /dev/vfio/vfio       VFIO_IOMMU_MAP_DMA (device: group fd)
+``vfio_type1v2_iommu``      /dev/vfio/vfio       VFIO_IOMMU_MAP_DMA
+``iommufd_compat_type1``    /dev/iommu           VFIO_IOMMU_MAP_DMA (iommufd's VFIO compat)
+``iommufd_compat_type1v2``  /dev/iommu           VFIO_IOMMU_MAP_DMA
+==========================  ===================  =============================================
 
 **DMA mapping of process memory is unsafe**: the device may read and write the mapped
 pages at any time until they are unmapped. Freeing (or unmapping from the process) memory

@@ -13,6 +13,7 @@ A live update in four verbs (kernel-contract.md §1)::
         s.finish()
 
 Which calls lose data:
+
 - closing an *outgoing* session (or letting its last fd go, e.g. by process exit) before
   the kexec un-preserves every file in it;
 - ``finish()`` (and closing an *incoming* session, which implies finish) discards every

@@ -41,3 +41,13 @@ def no_fd_leaks(request):
         leaked = {fd: link for fd, link in _open_fds().items() if before.get(fd) != link}
     if leaked:
         pytest.fail("the test left fds open: " + ", ".join(f"{fd} -> {link}" for fd, link in sorted(leaked.items())))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per ``record_property("timing", ...)`` of a test that ran (tests/test_wheel.py)."""
+    lines = [f"{report.nodeid.rsplit('::', 1)[-1]}: {value}"
+             for reports in terminalreporter.stats.values() for report in reports
+             if getattr(report, "when", None) == "call"
+             for key, value in getattr(report, "user_properties", ()) if key == "timing"]
+    for line in lines:
+        terminalreporter.write_line(f"timing: {line}")
