@@ -336,6 +336,16 @@ def check_bytes(value: object, what: str, operation: str, target: str = "") -> b
     return value
 
 
+def check_sequence(value: object, what: str, operation: str, target: str = "") -> list | tuple:
+    """``value`` as a list or tuple (any other iterable is listed); BadArgumentType otherwise."""
+    if isinstance(value, (list, tuple)):
+        return value
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise BadArgumentType(_errno.EINVAL, operation, target,
+                              f"{what} must be a sequence (list, tuple, range, generator), not {type(value).__name__}")
+    return list(value)
+
+
 def check_text(value: object, what: str, operation: str, target: str = "", *, max_len: int = 4095,
                path: bool = False) -> str:
     """``value`` as a non-empty str without NUL, at most ``max_len`` characters (``path``:

@@ -39,6 +39,7 @@ from .errors import (
     UnsafeOperation,
     check_bytes,
     check_int,
+    check_sequence,
     error_for,
 )
 from .fd import FileLike, OwnedFd, fileno_of
@@ -407,6 +408,7 @@ class Iommu:
         else:
             base, buflen, export = _address_of(buffer)
             keep = (buffer, export)
+        pieces = check_sequence(pieces, "pieces", "DMA map", self.target)
         offsets, iovas, sizes = _piece_columns(pieces, "DMA map", self.target)
         n = len(offsets)
         arrays = [_u64s(col, name, "DMA map", self.target) for col, name in
@@ -446,8 +448,7 @@ class Iommu:
         first range the kernel refuses or that unmapped nothing (NotFound, in every mode);
         the ranges before it are unmapped and forgotten, and the error carries ``index``.
         Bookkeeping follows what the kernel reports for each range. Returns the bytes unmapped."""
-        if not isinstance(ranges, (list, tuple)):
-            ranges = list(ranges)
+        ranges = check_sequence(ranges, "ranges", "DMA unmap", self.target)
         iovas, sizes = [], []
         for i, r in enumerate(ranges):
             if isinstance(r, Mapping):

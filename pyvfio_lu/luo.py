@@ -45,6 +45,7 @@ from .errors import (
     SessionClosed,
     TokenInUse,
     WrongSessionDirection,
+    check_sequence,
     check_text,
     error_for,
 )
@@ -279,7 +280,7 @@ class Session:
         preserved (and recorded, as by :meth:`preserve`), and the error is the one
         :meth:`preserve` would raise for that file, with ``index`` (i) set."""
         sfd = self._need(OUTGOING, "LIVEUPDATE_SESSION_PRESERVE_FD")
-        items = list(items)
+        items = check_sequence(items, "items", "LIVEUPDATE_SESSION_PRESERVE_FD", self.target)
         files, tokens, fds = [], [], []
         for i, item in enumerate(items):
             if not (isinstance(item, tuple) and len(item) == 2):
@@ -315,7 +316,8 @@ class Session:
         closed again (a retrieve can be repeated: they stay retrievable), and the error
         carries ``index``."""
         sfd = self._need(INCOMING, "LIVEUPDATE_SESSION_RETRIEVE_FD")
-        tokens = [check_token(t) for t in tokens]
+        tokens = [check_token(t) for t in check_sequence(tokens, "tokens", "LIVEUPDATE_SESSION_RETRIEVE_FD",
+                                                         self.target)]
         n = len(tokens)
         out = ffi.new("int32_t[]", n or 1)
         err = ffi.new("int *")

@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 from .._cffi import ffi, lib
-from ..errors import ArgumentOutOfRange, BadArgumentType, InvalidArgument, RegisterTimeout, check_int
+from ..errors import ArgumentOutOfRange, InvalidArgument, RegisterTimeout, check_int, check_sequence
 from .records import RegionInfo, SparseArea
 
 U64_MAX = 2**64 - 1
@@ -113,7 +113,7 @@ class Bar:
         if type(width) is not int or width not in _READ:
             raise InvalidArgument(errno.EINVAL, what, self.device.name, f"width {width!r} is not 1, 2, 4 or 8 bytes")
         if not isinstance(offsets, (list, tuple)):
-            offsets = list(offsets) if isinstance(offsets, range) else _list_of(offsets, "offsets", what, self.device.name)
+            offsets = _list_of(offsets, "offsets", what, self.device.name)
         n = len(offsets)
         arr = _u64_array(offsets, "offset", what, self.device.name)
         bad = lib.pvl_mmio_check_block(self.size, width, n, arr)
@@ -242,12 +242,8 @@ def _fast_write32(ptr, size: int, slow):
     return write32
 
 
-def _list_of(values: Any, what: str, operation: str, target: str) -> list:
-    try:
-        return list(values)
-    except TypeError:
-        raise BadArgumentType(errno.EINVAL, operation, target,
-                              f"{what} must be a sequence of integers, not {type(values).__name__}") from None
+def _list_of(values: Any, what: str, operation: str, target: str) -> list | tuple:
+    return check_sequence(values, what, operation, target)
 
 
 def _u64_array(values: Any, what: str, operation: str, target: str) -> Any:
@@ -256,7 +252,7 @@ def _u64_array(values: Any, what: str, operation: str, target: str) -> Any:
         return ffi.new("uint64_t[]", values) if values else ffi.new("uint64_t[]", 1)
     except (TypeError, OverflowError):
         for i, v in enumerate(values):
-            check_int(v, f"{what} {i}", 0, U64_MAX, operation, target)
+            check_int(v, f"{what} of item {i}", 0, U64_MAX, operation, target)
         raise
 
 

@@ -17,7 +17,7 @@ import pytest
 from pyvfio_lu import errors, handoff, kexec, preservation, sysfs
 from pyvfio_lu.holder import Holder
 from pyvfio_lu.iommu import DmaBuffer, Iommu, IovaAllocator, IovaRange
-from pyvfio_lu.luo import OUTGOING, LiveUpdate, Session
+from pyvfio_lu.luo import INCOMING, OUTGOING, LiveUpdate, Session
 from pyvfio_lu.memfd import Memfd
 from pyvfio_lu.vfio import Bar, VfioDevice
 from pyvfio_lu.vfio.records import RegionInfo
@@ -46,12 +46,13 @@ def objects(tmp_path):
     made["iommu"] = Iommu("iommufd", iommufd=_devnull(), ioas_id=1, owned=True)
     made["luo"] = LiveUpdate.from_fd(_devnull())
     made["session"] = Session(_devnull(), "sweep", OUTGOING)
+    made["incoming"] = Session(_devnull(), "sweep-in", INCOMING)
     made["memfd"] = Memfd.create("sweep", b"data")
     made["buffer"] = DmaBuffer(4096)
     made["allocator"] = IovaAllocator([IovaRange(0, 2**48 - 1)])
     made["holder"] = Holder(str(tmp_path / "no-holder.sock"))
     yield made
-    for name in ("bar", "device", "iommu", "session", "luo", "memfd", "buffer"):
+    for name in ("bar", "device", "iommu", "session", "incoming", "luo", "memfd", "buffer"):
         made[name].close()
 
 
@@ -111,6 +112,28 @@ def _rows():
         ("DmaBuffer.read(length)", lambda o, v: o["buffer"].read(0, v), NOT_INTS[1:] + OUT_OF_RANGE + [4097]),
         ("DmaBuffer.write(data)", lambda o, v: o["buffer"].write(v), [None, 5, "text", b"x" * 4097]),
         ("DmaBuffer.write(offset)", lambda o, v: o["buffer"].write(b"x", v), BAD_INTS + [4096]),
+        # batch verbs
+        ("Iommu.map_many(pieces)", lambda o, v: o["iommu"].map_many(o["buffer"], v),
+         [None, 5, [None], [(0, 0)], [(0, 0, "4096")], [(0, 4096 + 1, 4096)], [(0, 0, 8192)], [(-4096, 0, 4096)],
+          [(0, 0, 0)], [(0, 2**64 - 4096, 8192)], [(0, 0, 2**64)]]),
+        ("Iommu.map_many(buffer)", lambda o, v: o["iommu"].map_many(v, [(0, 0, 4096)]), [None, "x", 4096]),
+        ("Iommu.unmap_many(ranges)", lambda o, v: o["iommu"].unmap_many(v),
+         [None, 5, [None], [(0,)], [("0", 4096)], [(0, 0)], [(-1, 4096)], [(0, 2**64)]]),
+        ("Session.preserve_many(items)", lambda o, v: o["session"].preserve_many(v),
+         [None, 5, [None], [(o_memfd_marker, 1)], [(0, -1)], [(0, 2**64)], [(0, 1, 2)], [(0, 1), (1, 1)]]),
+        ("Session.retrieve_many(tokens)", lambda o, v: o["incoming"].retrieve_many(v),
+         [None, 5, ["1"], [-1], [2**64], [1.5]]),
+        ("Session.preserve_many(direction)", lambda o, v: o["incoming"].preserve_many(v), [[(0, 1)]]),
+        ("Session.retrieve_many(direction)", lambda o, v: o["session"].retrieve_many(v), [[1]]),
+        ("Bar.read_block(offsets)", lambda o, v: o["bar"].read_block(v),
+         [None, 5, ["0"], [-4], [4096], [2], [0, 4094], [2**64]]),
+        ("Bar.read_block(width)", lambda o, v: o["bar"].read_block([0], v), BAD_INTS + [3, 0, 16]),
+        ("Bar.write_block(values)", lambda o, v: o["bar"].write_block([0], v),
+         [None, 5, ["1"], [-1], [2**32], [1, 2], []]),
+        ("Bar.poll(offset)", lambda o, v: o["bar"].poll(v, 1, 1, 0), BAD_INTS + [4096, 2]),
+        ("Bar.poll(mask)", lambda o, v: o["bar"].poll(0, v, 0, 0), BAD_INTS + [2**32]),
+        ("Bar.poll(value)", lambda o, v: o["bar"].poll(0, 1, v, 0), BAD_INTS + [2**32]),
+        ("Bar.poll(timeout)", lambda o, v: o["bar"].poll(0, 1, 1, v), [None, "1", -1, float("nan"), 1e9, []]),
         # LUO
         ("LiveUpdate(path)", lambda o, v: LiveUpdate(v), BAD_TEXTS),
         ("LiveUpdate.from_fd(fd)", lambda o, v: LiveUpdate.from_fd(v), BAD_INTS),
