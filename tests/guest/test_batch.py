@@ -1,0 +1,194 @@
+"""The batch verbs on the real kernel: map/unmap many IOVA ranges (every IOMMU mode), MMIO
+block access and register polling on edu, preserve/retrieve many files across the kexec.
+Each checks what the single-item verb checks, and that a refusal in the middle names the
+element and leaves what came before it done, recorded and consistent with the kernel."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pyvfio_lu import edu, errors
+from pyvfio_lu.iommu import MODES, PAGE, DmaBuffer
+from pyvfio_lu.memfd import Memfd
+from pyvfio_lu.sysfs import PciDevice
+from pyvfio_lu.vfio import VfioDevice
+
+EDU_BDF = os.environ.get("PYVFIO_LU_EDU_BDF", "0000:00:04.0")
+IOVA = 0x100000  # below edu's 28-bit DMA mask
+PIECES = 64
+
+
+@pytest.fixture(scope="module")
+def edu_bdf() -> str:
+    pci = PciDevice(EDU_BDF)
+    pci.bind_vfio()
+    return pci.bdf
+
+
+@pytest.fixture(params=MODES)
+def dev(request, edu_bdf):
+    with VfioDevice.open(edu_bdf, request.param) as d:
+        yield d
+
+
+def _pieces(n: int, first_iova: int = IOVA) -> list[tuple[int, int, int]]:
+    return [(i * PAGE, first_iova + i * PAGE, PAGE) for i in range(n)]
+
+
+# --- DMA mapping ------------------------------------------------------------------------------
+def test_map_many_pieces_carry_dma_and_unmap_many_forgets_them(dev):
+    e = edu.Edu(dev)
+    dev.enable_bus_master()
+    iommu = dev.iommu
+    with DmaBuffer(PIECES * PAGE) as buf:
+        made = iommu.map_many(buf, _pieces(PIECES))
+        assert [m.iova for m in made] == [IOVA + i * PAGE for i in range(PIECES)]
+        assert set(iommu.mappings) == {m.iova for m in made}
+        assert made[5].vaddr == buf.address + 5 * PAGE
+        pattern = bytes((i * 13 + 1) & 0xFF for i in range(edu.DMA_MAX))
+        buf.write(pattern, 3 * PAGE)
+        e.dma_to_device(IOVA + 3 * PAGE, edu.DMA_MAX)  # through piece 3
+        e.dma_from_device(IOVA + 40 * PAGE, edu.DMA_MAX)  # into piece 40
+        assert buf.read(40 * PAGE, edu.DMA_MAX) == pattern
+        with pytest.raises(errors.UnsafeOperation):
+            buf.close()  # still mapped, in 64 pieces
+        assert iommu.unmap_many(made[:10]) == 10 * PAGE
+        with pytest.raises(errors.UnsafeOperation):
+            buf.close()  # 54 pieces still map it
+        assert iommu.unmap_many([(m.iova, m.size) for m in made[10:]]) == (PIECES - 10) * PAGE
+        assert iommu.mappings == {} and not buf.mapped_by
+
+
+def test_map_many_checks_every_piece_before_mapping_any(dev):
+    iommu = dev.iommu
+    with DmaBuffer(8 * PAGE) as buf:
+        bad = _pieces(8)
+        bad[5] = (5 * PAGE, IOVA + 5 * PAGE + 1, PAGE)  # IOVA not page-aligned
+        with pytest.raises(errors.ArgumentOutOfRange, match="piece 5"):
+            iommu.map_many(buf, bad)
+        outside = _pieces(8) + [(8 * PAGE, IOVA + 8 * PAGE, PAGE)]  # past the buffer's end
+        with pytest.raises(errors.ArgumentOutOfRange, match="piece 8"):
+            iommu.map_many(buf, outside)
+        with pytest.raises(errors.BadArgumentType, match="piece 2"):
+            iommu.map_many(buf, [(0, IOVA, PAGE), (PAGE, IOVA + PAGE, PAGE), (0, IOVA)])
+        assert iommu.mappings == {} and not buf.mapped_by
+        # nothing reached the kernel: the whole range maps cleanly now
+        made = iommu.map_many(buf, _pieces(8))
+        assert len(made) == 8
+        assert iommu.unmap_many(made) == 8 * PAGE
+
+
+def test_map_many_stops_at_the_refused_piece_and_keeps_the_ones_before(dev):
+    iommu = dev.iommu
+    with DmaBuffer(8 * PAGE) as buf, DmaBuffer(PAGE) as other:
+        blocker = iommu.map(other, IOVA + 3 * PAGE)
+        with pytest.raises(errors.MappingExists) as info:
+            iommu.map_many(buf, _pieces(6))
+        assert info.value.index == 3
+        assert [m.iova for m in info.value.mappings] == [IOVA, IOVA + PAGE, IOVA + 2 * PAGE]
+        assert "piece 3 of 6" in str(info.value)
+        assert set(iommu.mappings) == {IOVA, IOVA + PAGE, IOVA + 2 * PAGE, IOVA + 3 * PAGE}
+        # the three before it are really mapped: mapping over them is refused by the kernel
+        with pytest.raises(errors.MappingExists):
+            iommu.map(buf, IOVA + PAGE, size=PAGE)
+        assert iommu.unmap_many(info.value.mappings + [blocker]) == 4 * PAGE
+        assert iommu.mappings == {}
+
+
+def test_unmap_many_stops_at_a_range_with_nothing_mapped(dev):
+    iommu = dev.iommu
+    with DmaBuffer(3 * PAGE) as buf:
+        m0, m1, m2 = iommu.map_many(buf, _pieces(3))
+        with pytest.raises(errors.NotFound) as info:
+            iommu.unmap_many([m0, (IOVA + 100 * PAGE, PAGE), m1])
+        assert info.value.index == 1
+        assert set(iommu.mappings) == {m1.iova, m2.iova}  # m0 went, m1 was never reached
+        assert iommu.unmap(m1) == PAGE  # and the kernel agrees: m1 is still mapped
+        assert iommu.unmap_many([m2]) == PAGE
+        assert iommu.mappings == {} and not buf.mapped_by
+
+
+# --- MMIO -------------------------------------------------------------------------------------
+def test_read_block_and_write_block_are_exact_width_accesses(dev):
+    bar = dev.bar(0)
+    assert bar.read_block([edu.REG_ID] * 300) == [edu.ID] * 300
+    bar.write_block([edu.REG_LIVENESS], [0x12345678])
+    assert bar.read_block(range(edu.REG_LIVENESS, edu.REG_LIVENESS + 4, 4)) == [0xEDCBA987]
+    bar.write_block([edu.REG_DMA_SRC], [0x1122334455667788], width=8)
+    assert bar.read_block([edu.REG_DMA_SRC], width=8) == [0x1122334455667788]
+    assert bar.read_block([edu.REG_DMA_SRC], width=8) == [bar.read64(edu.REG_DMA_SRC)]
+    # edu answers only 4-byte accesses below 0x80: a narrow block read really is narrow
+    assert bar.read_block([edu.REG_ID], width=1) != [0xED]
+
+
+def test_block_access_checks_every_offset_first(dev):
+    bar = dev.bar(0)
+    bar.write32(edu.REG_LIVENESS, 0x0F0F0F0F)
+    for offsets in ([0, 4, bar.size], [0, 2], [0, -4]):
+        with pytest.raises(errors.PyvfioError, match="item"):
+            bar.write_block(offsets, [1] * len(offsets))
+    with pytest.raises(errors.ArgumentOutOfRange, match="item 1"):
+        bar.write_block([edu.REG_LIVENESS, edu.REG_LIVENESS], [1, 1 << 32])
+    with pytest.raises(errors.InvalidArgument):
+        bar.write_block([edu.REG_LIVENESS], [1, 2])
+    assert bar.read32(edu.REG_LIVENESS) == ~0x0F0F0F0F & 0xFFFFFFFF  # nothing was written
+
+
+def test_poll_waits_in_c_for_the_register_and_times_out_by_name(dev):
+    bar = dev.bar(0)
+    bar.write32(edu.REG_FACTORIAL, 10)
+    status = bar.poll(edu.REG_STATUS, 0x1, 0, timeout=5)  # "computing" bit clear
+    assert status & 0x1 == 0
+    assert bar.read32(edu.REG_FACTORIAL) == 3628800
+    with pytest.raises(errors.RegisterTimeout) as info:
+        bar.poll(edu.REG_ID, 0xFFFFFFFF, 0, timeout=0.05)
+    assert info.value.last == edu.ID and info.value.reads >= 1
+
+
+# --- LUO: many files in one call, across the kexec ---------------------------------------------
+class TestPreserveManyRetrieveMany:
+    N = 300
+
+    @pytest.mark.before_kexec
+    def test_before(self, luo, carry):
+        s = luo.create_session("batch-many")
+        memfds = [Memfd.create(f"batch-{i}", f"batch-data-{i}".encode()) for i in range(self.N)]
+        try:
+            # a token used twice in the batch: refused before anything is preserved
+            with pytest.raises(errors.TokenInUse, match="item 3"):
+                s.preserve_many([(memfds[0], 1), (memfds[1], 2), (memfds[2], 3), (memfds[3], 1)])
+            assert s.preserved == {}
+            # a refusal in the middle (a pipe cannot be preserved): the ones before it stay
+            r, w = os.pipe2(os.O_CLOEXEC)
+            try:
+                with pytest.raises(errors.NotPreservable) as info:
+                    s.preserve_many([(memfds[0], 0), (memfds[1], 1), (r, 2), (memfds[2], 3)])
+                assert info.value.index == 2
+            finally:
+                os.close(r)
+                os.close(w)
+            assert sorted(s.preserved) == [0, 1]
+            s.preserve_many((m, t) for t, m in enumerate(memfds) if t >= 2)
+            assert sorted(s.preserved) == list(range(self.N))
+        finally:
+            for m in memfds:
+                m.close()
+        carry.hold(s)
+
+    @pytest.mark.after_kexec
+    def test_after(self, luo):
+        with luo.retrieve_session("batch-many") as s:
+            with pytest.raises(errors.NoSuchToken) as info:
+                s.retrieve_many([0, 1, self.N + 5])
+            assert info.value.index == 2
+            fds = s.retrieve_many(range(self.N))
+            try:
+                for t, fd in enumerate(fds):
+                    with Memfd.adopt(fd) as m:
+                        assert m.read_all() == f"batch-data-{t}".encode()
+            finally:
+                for fd in fds:
+                    fd.close()
+            s.finish()
