@@ -43,10 +43,13 @@ def _nofile(n: int) -> tuple[int, int]:
 
 def test_fd_limit_is_a_named_error_and_creates_nothing(luo):
     old = resource.getrlimit(resource.RLIMIT_NOFILE)
-    room = 2
     sessions = []
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(_open_fds()) + 1 + room, old[1]))
+        listed = _open_fds()  # includes the fd the listing itself used (closed again)
+        limit = max(listed) + 3
+        # fd numbers are allocated lowest first, so every free number below the limit is a slot
+        room = limit - (len(listed) - 1)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, old[1]))
         with pytest.raises(FdLimitReached) as info:
             for i in range(room + 1):
                 sessions.append(luo.create_session(f"fdlim-{i}"))
