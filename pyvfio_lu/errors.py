@@ -14,6 +14,12 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any
+
 
 class PyvfioError(OSError):
     """Base class of every error raised by pyvfio_lu.
@@ -41,11 +47,11 @@ class PyvfioError(OSError):
         where = f" on {self.target}" if self.target else ""
         return f"{self.operation}{where}: {self.reason} [{self.errno_name}]"
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (type(self), self.errno, self.operation, self.target, self.reason))
 
 
-def _rebuild(cls, err, operation, target, reason):
+def _rebuild(cls: type[PyvfioError], err: int | None, operation: str, target: str, reason: str) -> PyvfioError:
     return cls(err, operation, target, reason)
 
 
@@ -119,11 +125,12 @@ class LiveUpdateNotEnabled(LiveUpdateError, FileNotFoundError):
 class LiveUpdateBusy(LiveUpdateError):
     """/dev/liveupdate is single-open and another open file holds it (``holders`` lists pids)."""
 
-    def __init__(self, err, operation, target="", reason="", holders: tuple[int, ...] = ()):
+    def __init__(self, err: int | None, operation: str, target: str = "", reason: str = "",
+                 holders: Iterable[int] = ()):
         self.holders = tuple(holders)
         super().__init__(err, operation, target, reason)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (type(self), self.errno, self.operation, self.target, self.reason),
                 {"holders": self.holders})
 
@@ -335,7 +342,7 @@ BY_OPERATION: dict[tuple[str, int], type[PyvfioError]] = {
 _DEVICE_FD_OPERATIONS = ("VFIO_DEVICE_", "read region", "write region", "mmap region")
 
 
-def error_for(err: int, operation: str, target: str = "", reason: str = "", **extra) -> PyvfioError:
+def error_for(err: int, operation: str, target: str = "", reason: str = "", **extra: Any) -> PyvfioError:
     """The exception for ``errno`` failing ``operation`` on ``target``."""
     cls = BY_OPERATION.get((operation, err)) or BY_ERRNO.get(err) or PyvfioError
     if err == _errno.EIO and operation.startswith(_DEVICE_FD_OPERATIONS):

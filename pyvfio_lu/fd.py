@@ -15,6 +15,8 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type che
 if TYPE_CHECKING:  # typing's runtime objects cost import time; annotations need none of them
     from typing import Protocol, Union
 
+    from typing_extensions import Self  # typing.Self from 3.11; type checkers ship this stub
+
     class HasFileno(Protocol):
         def fileno(self) -> int: ...
 
@@ -73,10 +75,10 @@ class OwnedFd:
         if fd >= 0 and self._owned:
             os.close(fd)
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:
