@@ -27,7 +27,10 @@ import warnings
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:
-    from typing import Iterator
+    from collections.abc import Callable, Iterator
+    from typing import Any
+
+    from typing_extensions import Self  # typing.Self from 3.11; type checkers ship this stub
 
 from . import procfs
 from ._cffi import ffi, lib
@@ -38,6 +41,7 @@ from .errors import (
     InvalidToken,
     LiveUpdateBusy,
     NotPreservable,
+    PyvfioError,
     SessionClosed,
     WrongSessionDirection,
     error_for,
@@ -122,7 +126,7 @@ class LiveUpdate:
 
             logging.getLogger(__name__).warning("could not read the live-update ledger: %s", exc)
 
-    def _open_error(self, exc: OSError):
+    def _open_error(self, exc: OSError) -> PyvfioError:
         err = exc.errno or 0
         if err == errno.EBUSY:
             held = procfs.liveupdate_holders()
@@ -168,10 +172,10 @@ class LiveUpdate:
     def closed(self) -> bool:
         return self._fd.closed
 
-    def __enter__(self) -> "LiveUpdate":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -192,7 +196,7 @@ class Session:
         self.name = name
         self.direction = direction
         self._preserved: dict[int, str] = {}  # token -> what the file is (outgoing only)
-        self._records: dict[int, dict] = {}  # token -> ledger record (kind, bdf, memfd name/size)
+        self._records: dict[int, dict[str, Any]] = {}  # token -> ledger record (kind, bdf, memfd name/size)
         self._retrieved: set[int] = set()
 
     # --- construction from an fd ----------------------------------------------------------
@@ -279,7 +283,7 @@ class Session:
 
             note_local(rec.get("bdf"), self.name, token)
 
-    def records(self) -> dict[str, dict]:
+    def records(self) -> dict[str, dict[str, Any]]:
         """What each token preserved through this object is, for the ledger: token (hex) ->
         {"kind": "memfd" | "vfio-device" | "file", ...}; a memfd's record lists the IOVAs
         it is mapped at through this process's :class:`~pyvfio_lu.iommu.Iommu` objects."""
@@ -350,10 +354,10 @@ class Session:
         self._forget_devices()
         self._fd.close()
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:
@@ -378,9 +382,10 @@ class Session:
         return f"<Session {self.name!r} {self.direction} {state}{extra}>"
 
 
-def get_name(fd: int, target: str = "") -> str:
+def get_name(fd: int, target: str | Callable[[], str] = "") -> str:
     arg = call(FdKind.LUO_SESSION, fd, "LIVEUPDATE_SESSION_GET_NAME", target=target or (lambda: f"session fd {fd}"))
-    return ffi.string(ffi.cast("char *", arg.name), 64).decode(errors="surrogateescape")
+    name: bytes = ffi.string(ffi.cast("char *", arg.name), 64)
+    return name.decode(errors="surrogateescape")
 
 
 def _describe(fd: int) -> str:

@@ -14,6 +14,11 @@ import hashlib
 import os
 from dataclasses import dataclass
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from typing import Any
+
 from .errors import PermissionDenied, PyvfioError, error_for
 from .fd import OwnedFd
 
@@ -37,7 +42,7 @@ class MemfdState:
     seals: int
     sha256: str
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"size": self.size, "position": self.position, "seals": self.seals, "sha256": self.sha256}
 
 
@@ -47,7 +52,7 @@ class Memfd(OwnedFd):
     __slots__ = ()
 
     @classmethod
-    def create(cls, name: str = "pyvfio-lu", data: bytes = b"", size: int | None = None,
+    def create(cls, name: str = "pyvfio-lu", data: bytes | bytearray | memoryview = b"", size: int | None = None,
                sealing: bool = True) -> "Memfd":
         """A new memfd (``MFD_CLOEXEC``, ``MFD_ALLOW_SEALING``) holding ``data``, ``size`` bytes long.
 
@@ -81,7 +86,7 @@ class Memfd(OwnedFd):
             raise
         return self
 
-    def ledger_record(self) -> dict:
+    def ledger_record(self) -> dict[str, Any]:
         """What the live-update ledger says of this memfd: its name, size and inode (the
         IOVAs it is mapped at are looked up by inode when the ledger is written)."""
         st = os.fstat(self.fileno())
@@ -99,7 +104,7 @@ class Memfd(OwnedFd):
         return cls(owned.detach(), what)
 
     # --- contents ------------------------------------------------------------------------
-    def pwrite_all(self, data: bytes, offset: int) -> None:
+    def pwrite_all(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         view = memoryview(data)
         while view:
             try:
@@ -165,7 +170,7 @@ class Memfd(OwnedFd):
     def state(self) -> MemfdState:
         return MemfdState(self.size, self.position, self.seals, hashlib.sha256(self.read_all()).hexdigest())
 
-    def verify(self, expected: MemfdState | dict | bytes) -> None:
+    def verify(self, expected: MemfdState | dict[str, Any] | bytes | bytearray | memoryview) -> None:
         """ContentMismatch unless this memfd matches ``expected`` (a state, its JSON, or bytes)."""
         if isinstance(expected, (bytes, bytearray, memoryview)):
             got = self.read_all()
