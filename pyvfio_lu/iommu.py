@@ -26,7 +26,9 @@ from collections import namedtuple
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, NamedTuple, TypedDict
+
+    from typing_extensions import Buffer, Self  # typing.Self from 3.11, Buffer from 3.12; type checkers ship this stub
 
 from ._cffi import ffi, lib
 from .errors import InvalidArgument, NotFound, NotSupported, PyvfioError, UnsafeOperation, check_int, error_for
@@ -40,7 +42,15 @@ _TYPE = {"vfio_type1_iommu": "VFIO_TYPE1_IOMMU", "vfio_type1v2_iommu": "VFIO_TYP
          "iommufd_compat_type1": "VFIO_TYPE1_IOMMU", "iommufd_compat_type1v2": "VFIO_TYPE1v2_IOMMU"}
 
 
-class IovaRange(namedtuple("IovaRange", "start last")):
+if TYPE_CHECKING:
+    class _IovaRangeFields(NamedTuple):
+        start: int
+        last: int
+else:
+    _IovaRangeFields = namedtuple("IovaRange", "start last")
+
+
+class IovaRange(_IovaRangeFields):
     """An allowed IOVA range; ``last`` is inclusive (as the kernel reports it)."""
 
     __slots__ = ()
@@ -78,7 +88,7 @@ class DmaBuffer:
             raise ValueError("DMA buffer is closed")
         return int(ffi.cast("uintptr_t", self._ptr))
 
-    def __buffer__(self, flags):  # Python 3.12+
+    def __buffer__(self, flags: int) -> memoryview:  # Python 3.12+
         return memoryview(ffi.buffer(self._ptr, self.size))
 
     def view(self) -> memoryview:
@@ -101,10 +111,10 @@ class DmaBuffer:
         lib.pvl_munmap(self._ptr, self.size)
         self._ptr = None
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -158,6 +168,12 @@ def _address_of(buffer: Any) -> tuple[int, int, Any]:
     return int(ffi.cast("uintptr_t", ptr)), len(ptr), ptr
 
 
+if TYPE_CHECKING:
+    class _Type1Info(TypedDict):
+        iova_pgsizes: int
+        iova_ranges: list[IovaRange]
+
+
 class Iommu:
     """An IOMMU context devices attach to, in one of :data:`MODES`.
 
@@ -180,7 +196,7 @@ class Iommu:
             else:
                 self.fd = OwnedFd(iommufd, "/dev/iommu (caller's)", owned=bool(owned))
             self._owns_ioas = ioas_id is None or bool(owned)
-            self.ioas_id = ioas_id if ioas_id is not None else self._ioas_alloc()
+            self.ioas_id: int | None = ioas_id if ioas_id is not None else self._ioas_alloc()
             self.kind = FdKind.IOMMUFD
         else:
             path = "/dev/vfio/vfio" if mode.startswith("vfio_") else "/dev/iommu"
@@ -206,7 +222,8 @@ class Iommu:
 
     # --- iommufd objects -----------------------------------------------------------------
     def _ioas_alloc(self) -> int:
-        return call(FdKind.IOMMUFD, self.fd.fileno(), "IOMMU_IOAS_ALLOC", target="/dev/iommu").out_ioas_id
+        ioas_id: int = call(FdKind.IOMMUFD, self.fd.fileno(), "IOMMU_IOAS_ALLOC", target="/dev/iommu").out_ioas_id
+        return ioas_id
 
     def ioas_alloc(self) -> int:
         """A new IOAS in this iommufd (caller destroys it with :meth:`destroy`)."""
@@ -252,7 +269,7 @@ class Iommu:
         info = self._type1_info()
         return info["iova_ranges"]
 
-    def _type1_info(self) -> dict:
+    def _type1_info(self) -> _Type1Info:
         arg = call(self.kind, self.fileno(), "VFIO_IOMMU_GET_INFO", target=self.target)
         if arg.flags & lib.VFIO_IOMMU_INFO_CAPS and arg.argsz > ffi.sizeof("struct vfio_iommu_type1_info"):
             extra = arg.argsz - ffi.sizeof("struct vfio_iommu_type1_info")
@@ -271,7 +288,7 @@ class Iommu:
         return self.allocator
 
     # --- map / unmap -----------------------------------------------------------------------
-    def map(self, buffer: Any, iova: int | None = None, *, size: int | None = None, readable: bool = True,
+    def map(self, buffer: DmaBuffer | Buffer | int, iova: int | None = None, *, size: int | None = None, readable: bool = True,
             writeable: bool = True, unsafe_address: bool = False) -> Mapping:
         """DMA-map ``buffer`` (a DmaBuffer, mmap, bytearray, or any writable contiguous
         buffer; or a raw address with ``unsafe_address=True``) at ``iova`` (allocated when
@@ -350,6 +367,7 @@ class Iommu:
         def target() -> str:
             return f"{self.target} iova {iova:#x} size {size:#x}"
 
+        done: int
         if self.is_iommufd:
             done = call(FdKind.IOMMUFD, self.fileno(), "IOMMU_IOAS_UNMAP", ioas_id=self.ioas_id, iova=iova,
                         length=size, target=target).length
@@ -420,6 +438,7 @@ class Iommu:
 
     def unmap_all(self) -> int:
         """Unmap everything; returns the bytes unmapped."""
+        done: int
         if self.is_iommufd:
             try:
                 done = call(FdKind.IOMMUFD, self.fileno(), "IOMMU_IOAS_UNMAP", ioas_id=self.ioas_id, iova=0,
@@ -472,10 +491,10 @@ class Iommu:
         finally:
             self.fd.close()
 
-    def __enter__(self) -> "Iommu":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

@@ -6,6 +6,7 @@ import errno
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 from .._cffi import lib
@@ -35,9 +36,9 @@ class Bar:
                 self.close()
                 raise
         self._ptr = self._maps[0][2] if len(self._maps) == 1 and self._maps[0][0] == 0 else None
-        if self._ptr is not None:  # per-instance fast paths, see _fast_read32
-            self.read32 = _fast_read32(self._ptr, self.size, self.read)
-            self.write32 = _fast_write32(self._ptr, self.size, self.write)
+        if self._ptr is not None:  # per-instance fast paths, see _fast_read32 (close() drops them)
+            self.__dict__["read32"] = _fast_read32(self._ptr, self.size, self.read)
+            self.__dict__["write32"] = _fast_write32(self._ptr, self.size, self.write)
 
     @property
     def mapped(self) -> bool:
@@ -55,7 +56,7 @@ class Bar:
             raise InvalidArgument(errno.EINVAL, f"BAR{self.info.index} access", self.device.name,
                                   f"offset {offset:#x} is not {width}-byte aligned")
 
-    def _ptr_for(self, offset: int, width: int):
+    def _ptr_for(self, offset: int, width: int) -> tuple[Any, int]:
         if self._ptr is not None:
             return self._ptr, offset
         for start, size, ptr in self._maps:
@@ -112,7 +113,7 @@ class Bar:
 
 
 
-def _fast_read32(ptr, size: int, slow):
+def _fast_read32(ptr: Any, size: int, slow: Callable[[int, int], int]) -> Callable[[int], int]:
     """Bar.read32 for a BAR mapped in one piece: the bounds live in closure cells, one cffi
     call; any other offset goes to the general path (which raises for a bad one)."""
     load, limit = lib.pvl_mmio_read32, size - 4
@@ -125,7 +126,7 @@ def _fast_read32(ptr, size: int, slow):
     return read32
 
 
-def _fast_write32(ptr, size: int, slow):
+def _fast_write32(ptr: Any, size: int, slow: Callable[[int, int, int], None]) -> Callable[[int, int], None]:
     store, limit = lib.pvl_mmio_write32, size - 4
 
     def write32(offset: int, value: int) -> None:

@@ -25,7 +25,10 @@ import time
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from typing import Any
+
+    from typing_extensions import Self  # typing.Self from 3.11; type checkers ship this stub
 
 from .._cffi import ffi, lib
 from ..errors import (
@@ -90,7 +93,7 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
 
     # --- construction -----------------------------------------------------------------------
     @classmethod
-    def open(cls, device: str, iommu: Iommu | str | None = None, *, sysfs: str = "/sys") -> "VfioDevice":
+    def open(cls, device: str | os.PathLike[str], iommu: Iommu | str | None = None, *, sysfs: str = "/sys") -> "VfioDevice":
         """Open a device bound to vfio-pci, by BDF (or a ``/dev/vfio/devices/vfioN`` path),
         set up in ``iommu`` (an Iommu, a mode name, or None for a new ``iommufd`` one).
 
@@ -143,6 +146,7 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
         dev = cls(fd, iommu=iommu, bdf=bdf, cdev=True, bound=False, owns_iommu=owns, path=path)
         try:
             dev.bind(iommu)
+            assert iommu.ioas_id is not None  # open() checked: the iommufd mode
             dev.attach(iommu.ioas_id)
             dev._call("VFIO_DEVICE_GET_INFO")  # a device frozen by an aborted kexec binds, then answers EIO
         except PyvfioError as exc:
@@ -203,8 +207,8 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
         dev = cls(fd, iommu=iommu, bdf=bdf, cdev=cdev, bound=bound or not cdev, owned=owned, path=link)
         if iommu is not None and cdev and not bound:
             dev.bind(iommu)
-            if attach:
-                dev.attach(iommu.ioas_id)
+            if attach:  # ioas_id is None for an iommufd_compat_* Iommu: cffi's TypeError, left as it was
+                dev.attach(iommu.ioas_id)  # type: ignore[arg-type]
         return dev
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -215,7 +219,7 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
     def fileno(self) -> int:
         return self._fd.fileno()
 
-    def _call(self, name: str, arg: Any = None, **kw) -> Any:
+    def _call(self, name: str, arg: Any = None, **kw: Any) -> Any:
         if self.cdev and not self.bound:
             raise DeviceNotBound(errno.EINVAL, name, self.name)
         return call(FdKind.VFIO_DEVICE, self.fileno(), name, arg, target=self._name, **kw)
@@ -378,7 +382,7 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
                                    arg.devices[i].devfn) for i in range(arg.count)]
             return arg.flags, devs
 
-    def hot_reset(self, group_fds: list[int] = ()) -> None:
+    def hot_reset(self, group_fds: Iterable[int] = ()) -> None:
         """VFIO_DEVICE_PCI_HOT_RESET. cdev devices pass no fds (ownership comes from the
         iommufd); group-opened devices pass the fd of every affected group."""
         fds = list(group_fds) or ([] if self.cdev else [self._group.fileno()] if self._group else [])
@@ -426,10 +430,10 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
             if self._owns_iommu and self.iommu is not None:
                 self.iommu.close()
 
-    def __enter__(self) -> "VfioDevice":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

@@ -9,6 +9,8 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type che
 if TYPE_CHECKING:
     from typing import Any
 
+    from .records import IrqInfo
+
 import select
 
 from .._cffi import lib
@@ -47,6 +49,12 @@ class IrqsMixin:
 
     _irq_fds: dict[int, list[EventFd]]
     _irqs_enabled: dict[int, int]
+
+    if TYPE_CHECKING:  # what the mixin uses of VfioDevice
+        @property
+        def name(self) -> str: ...
+        def irq_info(self, index: int) -> IrqInfo: ...
+        def _call(self, name: str, arg: Any = None, **kw: Any) -> Any: ...
 
     def enable_irq(self, index: int, count: int = 1) -> list[EventFd]:
         """Route vectors 0..count-1 of IRQ ``index`` (INTx=0, MSI=1, MSI-X=2, ERR=3, REQ=4) to new eventfds."""
