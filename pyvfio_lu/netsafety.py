@@ -17,7 +17,7 @@ import errno
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from .errors import PyvfioError
 from .sysfs import PciDevice
@@ -31,7 +31,8 @@ RTN_UNICAST = 1
 class InterfaceInUse(PyvfioError):
     """The device backs a network interface that is up, addressed or routed."""
 
-    def __init__(self, err, operation, target="", reason="", usage: list[InterfaceUsage] = ()):
+    def __init__(self, err: int | None, operation: str, target: str = "", reason: str = "",
+                 usage: Iterable[InterfaceUsage] = ()):
         self.usage = list(usage)
         super().__init__(err, operation, target, reason)
 
@@ -117,7 +118,7 @@ class InterfaceUsage:
             parts.append("routes " + ", ".join(self.routes))
         return f"{self.name}: " + ("; ".join(parts) if parts else "idle")
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "up": self.up, "addresses": self.addresses, "routes": self.routes,
                 "active": self.active}
 
@@ -156,7 +157,7 @@ def check_interfaces(bdf: str, ifnames: Iterable[str], netlink: Netlink, force: 
 class Pyroute2Netlink:
     """:class:`Netlink` over one pyroute2 ``IPRoute`` socket (closed by :meth:`close`)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         from pyroute2 import IPRoute  # deferred: pyroute2 is heavy and only needed here
 
         self._ipr = IPRoute()
@@ -186,7 +187,7 @@ class Pyroute2Netlink:
     def __enter__(self) -> Pyroute2Netlink:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
