@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from pathlib import Path
+from types import ModuleType
 
 from cffi import FFI
 
@@ -18,9 +19,10 @@ HEADER_MODULES = ("liveupdate", "vfio", "iommufd")
 _DEFINE = re.compile(r"^#define\s+(\w+)\s+\S.*$", re.M)
 
 
-def _load(name: str):
+def _load(name: str) -> ModuleType:
     # Loaded by path: setup.py runs this file as a script, not as part of a package.
     spec = importlib.util.spec_from_file_location(f"_pyvfio_lu_cdefs_{name}", HERE / f"{name}.py")
+    assert spec is not None and spec.loader is not None  # a .py path always has both
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
