@@ -23,9 +23,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 from .cache import cache_root, locked
+
+if TYPE_CHECKING:
+    from .run import GuestResult
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ class GuestError(RuntimeError):
     """The guest did not run to its expected end. ``tail`` holds its last console lines."""
 
     def __init__(self, message: str, tail: Sequence[str] = (), log_path: Path | None = None,
-                 result: object | None = None) -> None:
+                 result: GuestResult | None = None) -> None:
         text = message
         if log_path is not None:
             text += f"\nconsole log: {log_path}"
