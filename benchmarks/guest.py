@@ -189,9 +189,8 @@ def bind_edu() -> str | None:
 
 
 def py_device(cfg: Config) -> dict[str, dict[str, Any]]:
-    from pyvfio_lu._cffi import ffi, lib
-
     from pyvfio_lu import edu
+    from pyvfio_lu._cffi import ffi, lib
     from pyvfio_lu.vfio import VfioDevice
 
     out = {}
@@ -216,7 +215,6 @@ def py_device(cfg: Config) -> dict[str, dict[str, Any]]:
 
 def py_getname(cfg: Config) -> dict[str, dict[str, Any]]:
     from pyvfio_lu._cffi import ffi, lib
-
     from pyvfio_lu.luo import LiveUpdate
 
     name = f"bench-getname-py-{os.getpid()}"
@@ -469,7 +467,8 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def single_boot(cfg: Config, workdir: Path, log: Callable[[str], None] = _log, only: set[str] | None = None) -> dict[str, Any]:
+def single_boot(cfg: Config, workdir: Path, log: Callable[[str], None] = _log,
+                only: set[str] | None = None) -> dict[str, Any]:
     """Everything that needs no kexec: imports, C build, ioctl, MMIO, DMA, profiles."""
     from . import cprog, imports
 

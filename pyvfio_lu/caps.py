@@ -4,13 +4,14 @@ start of the info buffer, ``next == 0`` ends the chain)."""
 from __future__ import annotations
 
 import errno
+
+from ._cffi import ffi
+from .errors import PyvfioError
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:
     from typing import Any, Iterator
-
-from ._cffi import ffi
-from .errors import PyvfioError
 
 HEADER = ffi.sizeof("struct vfio_info_cap_header")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:  # typing's runtime objects cost import time; annotations need none of them

@@ -286,7 +286,8 @@ def send_session(sock: socket.socket, session: Session, manifest: dict[str, Any]
     return send_sessions(sock, [session], manifest, expected_uid=expected_uid)
 
 
-def receive_sessions(sock: socket.socket, *, expected_uid: int | None = OWN_UID) -> list[tuple[Session, dict[str, Any]]]:
+def receive_sessions(sock: socket.socket, *,
+                     expected_uid: int | None = OWN_UID) -> list[tuple[Session, dict[str, Any]]]:
     """The sessions the peer sends, as ``(Session, manifest entry)`` pairs.
 
     The sender must run as ``expected_uid`` (default: this process's uid; None: anyone).

@@ -12,14 +12,15 @@ from __future__ import annotations
 import enum
 import os
 from collections import namedtuple
+
+from ._cffi import ffi, lib
+from .errors import WrongFdKind, error_for
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any, NamedTuple
-
-from ._cffi import ffi, lib
-from .errors import WrongFdKind, error_for
 
 
 class FdKind(enum.Enum):

@@ -23,17 +23,18 @@ import errno
 import mmap as _mmap
 import os
 from collections import namedtuple
+
+from ._cffi import ffi, lib
+from .errors import InvalidArgument, NotFound, NotSupported, PyvfioError, UnsafeOperation, check_int, error_for
+from .fd import FileLike, OwnedFd, fileno_of
+from .ioctl import FdKind, call
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:
     from typing import Any, NamedTuple, TypedDict
 
     from typing_extensions import Buffer, Self  # typing.Self from 3.11, Buffer from 3.12; type checkers ship this stub
-
-from ._cffi import ffi, lib
-from .errors import InvalidArgument, NotFound, NotSupported, PyvfioError, UnsafeOperation, check_int, error_for
-from .fd import FileLike, OwnedFd, fileno_of
-from .ioctl import FdKind, call
 
 MODES = ("iommufd", "vfio_type1_iommu", "vfio_type1v2_iommu", "iommufd_compat_type1", "iommufd_compat_type1v2")
 PAGE = _mmap.PAGESIZE
@@ -288,8 +289,8 @@ class Iommu:
         return self.allocator
 
     # --- map / unmap -----------------------------------------------------------------------
-    def map(self, buffer: DmaBuffer | Buffer | int, iova: int | None = None, *, size: int | None = None, readable: bool = True,
-            writeable: bool = True, unsafe_address: bool = False) -> Mapping:
+    def map(self, buffer: DmaBuffer | Buffer | int, iova: int | None = None, *, size: int | None = None,
+            readable: bool = True, writeable: bool = True, unsafe_address: bool = False) -> Mapping:
         """DMA-map ``buffer`` (a DmaBuffer, mmap, bytearray, or any writable contiguous
         buffer; or a raw address with ``unsafe_address=True``) at ``iova`` (allocated when
         None). The buffer is kept alive until it is unmapped. UNSAFE: see the module doc."""

@@ -24,13 +24,6 @@ from __future__ import annotations
 import errno
 import os
 import warnings
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
-
-if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
-    from typing import Any
-
-    from typing_extensions import Self  # typing.Self from 3.11; type checkers ship this stub
 
 from . import procfs
 from ._cffi import ffi, lib
@@ -48,6 +41,14 @@ from .errors import (
 )
 from .fd import FileLike, OwnedFd, fileno_of
 from .ioctl import FdKind, call, fd_kind
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import Any
+
+    from typing_extensions import Self  # typing.Self from 3.11; type checkers ship this stub
 
 DEVICE_PATH = "/dev/liveupdate"
 NAME_MAX = 63  # LIVEUPDATE_SESSION_NAME_LENGTH - 1

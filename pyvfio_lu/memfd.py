@@ -14,13 +14,13 @@ import hashlib
 import os
 from dataclasses import dataclass
 
+from .errors import PermissionDenied, PyvfioError, error_for
+from .fd import OwnedFd
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:
     from typing import Any
-
-from .errors import PermissionDenied, PyvfioError, error_for
-from .fd import OwnedFd
 
 SEALS = {
     "seal": fcntl.F_SEAL_SEAL,

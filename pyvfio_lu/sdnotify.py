@@ -12,13 +12,13 @@ import os
 import re
 import socket
 
+from .errors import PyvfioError
+from .fd import FileLike, fileno_of
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
-
-from .errors import PyvfioError
-from .fd import FileLike, fileno_of
 
 _NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,255}$")  # printable ASCII, no ':' (sd_notify(3))
 

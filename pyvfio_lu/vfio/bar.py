@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import errno
+
+from .._cffi import lib
+from ..errors import InvalidArgument, check_int
+from .records import RegionInfo, SparseArea
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
-
-from .._cffi import lib
-from ..errors import InvalidArgument, check_int
-from .records import RegionInfo, SparseArea
 
 U64_MAX = 2**64 - 1
 

@@ -22,13 +22,6 @@ from __future__ import annotations
 import errno
 import os
 import time
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
-
-if TYPE_CHECKING:
-    from collections.abc import Iterable
-    from typing import Any
-
-    from typing_extensions import Self  # typing.Self from 3.11; type checkers ship this stub
 
 from .._cffi import ffi, lib
 from ..errors import (
@@ -42,15 +35,22 @@ from ..errors import (
     error_for,
 )
 from ..fd import OwnedFd
-from ..iommu import Iommu
 from ..ioctl import FdKind, call, fd_kind  # noqa: F401
+from ..iommu import Iommu
 from ..preservation import bdf_of_cdev, bdf_of_fd
 from ..sysfs import PciDevice, parse_bdf
-
 from .bar import Bar
 from .irqs import EventFd, IrqsMixin
 from .live_update import PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, LiveUpdateMixin, _open_error
-from .records import DeviceInfo, IrqInfo, RegionInfo, HotResetDevice, _caps_of, _device_cap, _region_cap
+from .records import DeviceInfo, HotResetDevice, IrqInfo, RegionInfo, _caps_of, _device_cap, _region_cap
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any
+
+    from typing_extensions import Self  # typing.Self from 3.11; type checkers ship this stub
 
 U32_MAX, U64_MAX = 2**32 - 1, 2**64 - 1
 CDEV_DIR = "/dev/vfio/devices/"
@@ -93,7 +93,8 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
 
     # --- construction -----------------------------------------------------------------------
     @classmethod
-    def open(cls, device: str | os.PathLike[str], iommu: Iommu | str | None = None, *, sysfs: str = "/sys") -> "VfioDevice":
+    def open(cls, device: str | os.PathLike[str], iommu: Iommu | str | None = None, *,
+             sysfs: str = "/sys") -> "VfioDevice":
         """Open a device bound to vfio-pci, by BDF (or a ``/dev/vfio/devices/vfioN`` path),
         set up in ``iommu`` (an Iommu, a mode name, or None for a new ``iommufd`` one).
 

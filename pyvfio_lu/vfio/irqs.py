@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import errno
 import os
+import select
+
+from .._cffi import lib
+from ..errors import InvalidArgument, check_int
+from ..fd import OwnedFd
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:
     from typing import Any
 
     from .records import IrqInfo
-
-import select
-
-from .._cffi import lib
-from ..errors import InvalidArgument, check_int
-from ..fd import OwnedFd
 
 U32_MAX = 2**32 - 1
 

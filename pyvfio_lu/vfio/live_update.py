@@ -5,13 +5,6 @@ from __future__ import annotations
 
 import errno
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
-
-if TYPE_CHECKING:
-    from typing import Any
-
-    from ..luo import Session
-
 from ..errors import (
     DeviceFrozen,
     DevicePreserved,
@@ -20,6 +13,13 @@ from ..errors import (
     VfioPreservationUnsupported,
     error_for,
 )
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from typing import Any
+
+    from ..luo import Session
 
 # PCI configuration space
 PCI_COMMAND = 0x04

@@ -4,14 +4,15 @@ records and their capability chains (each capability checked to fit its buffer).
 from __future__ import annotations
 
 from collections import namedtuple
+
+from .._cffi import ffi, lib
+from ..caps import cap_fits, cap_items, walk_caps_sized
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any, NamedTuple
-
-from .._cffi import ffi, lib
-from ..caps import cap_fits, cap_items, walk_caps_sized
 
 if TYPE_CHECKING:  # the records' fields, typed (typing.NamedTuple would cost typing's import at run time)
     class _CapabilityFields(NamedTuple):

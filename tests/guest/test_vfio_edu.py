@@ -10,8 +10,8 @@ import pytest
 
 from pyvfio_lu import edu, errors
 from pyvfio_lu._cffi import lib
-from pyvfio_lu.iommu import MODES, PAGE, DmaBuffer, Iommu
 from pyvfio_lu.ioctl import FdKind, call
+from pyvfio_lu.iommu import MODES, PAGE, DmaBuffer, Iommu
 from pyvfio_lu.luo import LiveUpdate
 from pyvfio_lu.memfd import Memfd
 from pyvfio_lu.sysfs import PciDevice

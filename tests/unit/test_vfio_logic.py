@@ -8,11 +8,10 @@ import os
 
 import pytest
 
-from pyvfio_lu import errors
+from pyvfio_lu import errors, ledger, preservation
 from pyvfio_lu._cffi import ffi, lib
 from pyvfio_lu.caps import walk_caps
 from pyvfio_lu.iommu import PAGE, DmaBuffer, Iommu, IovaAllocator, IovaRange
-from pyvfio_lu import ledger, preservation
 from pyvfio_lu.vfio import VfioDevice, _open_error
 
 
