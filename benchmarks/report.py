@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from .stats import fmt_ns, summarize
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Any
 
 IMPORT_TARGET_NS = 25e6

@@ -9,9 +9,12 @@ from __future__ import annotations
 import importlib.util
 import re
 from pathlib import Path
-from types import ModuleType
+from typing import TYPE_CHECKING
 
 from cffi import FFI
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
 HEADER_MODULES = ("liveupdate", "vfio", "iommufd")

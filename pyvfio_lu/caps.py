@@ -11,7 +11,8 @@ from .errors import PyvfioError
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:
-    from typing import Any, Iterator
+    from collections.abc import Iterator
+    from typing import Any
 
 HEADER = ffi.sizeof("struct vfio_info_cap_header")
 

@@ -34,7 +34,6 @@ import json
 import os
 import socket
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .errors import PermissionDenied, PyvfioError
@@ -43,6 +42,7 @@ from .fd import OwnedFd
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:  # luo loads the compiled module, which plain fd passing does not need
+    from collections.abc import Iterable
     from typing import Any
 
     from .luo import Session

@@ -138,7 +138,7 @@ class LiveUpdate:
         return error_for(err, "open /dev/liveupdate", self.path)
 
     @classmethod
-    def from_fd(cls, fd: int, owned: bool = True) -> "LiveUpdate":
+    def from_fd(cls, fd: int, owned: bool = True) -> LiveUpdate:
         """Wrap an already-open ``/dev/liveupdate`` fd (closed on close() only if ``owned``)."""
         self = cls.__new__(cls)
         self.path = DEVICE_PATH
@@ -148,14 +148,14 @@ class LiveUpdate:
     def fileno(self) -> int:
         return self._fd.fileno()
 
-    def create_session(self, name: str | bytes) -> "Session":
+    def create_session(self, name: str | bytes) -> Session:
         """A new outgoing session. SessionExists if an outgoing session has this name."""
         raw = encode_name(name)
         arg = call(FdKind.LUO_DEVICE, self.fileno(), "LIVEUPDATE_IOCTL_CREATE_SESSION",
                    target=f"{self.path} (session {raw.decode(errors='replace')!r})", name=raw)
         return Session(arg.fd, raw.decode(errors="surrogateescape"), OUTGOING)
 
-    def retrieve_session(self, name: str | bytes) -> "Session":
+    def retrieve_session(self, name: str | bytes) -> Session:
         """An incoming session handed over by the previous kernel.
 
         NoSuchSession when there is none by that name (a cold boot, an unknown name, or
@@ -202,7 +202,7 @@ class Session:
 
     # --- construction from an fd ----------------------------------------------------------
     @classmethod
-    def from_fd(cls, fd: int, owned: bool = True) -> "Session":
+    def from_fd(cls, fd: int, owned: bool = True) -> Session:
         """Wrap a session fd (e.g. received from a holder); name and direction are asked
         from the kernel (GET_NAME, and a PRESERVE_FD of fd -1, which changes nothing)."""
         kind, link = fd_kind(fd)

@@ -53,7 +53,7 @@ class Memfd(OwnedFd):
 
     @classmethod
     def create(cls, name: str = "pyvfio-lu", data: bytes | bytearray | memoryview = b"", size: int | None = None,
-               sealing: bool = True) -> "Memfd":
+               sealing: bool = True) -> Memfd:
         """A new memfd (``MFD_CLOEXEC``, ``MFD_ALLOW_SEALING``) holding ``data``, ``size`` bytes long.
 
         Wrong types and sizes are BadArgumentType / ArgumentOutOfRange, before anything is created."""
@@ -98,7 +98,7 @@ class Memfd(OwnedFd):
         return {"kind": "memfd", "name": name, "size": st.st_size, "inode": [st.st_dev, st.st_ino]}
 
     @classmethod
-    def adopt(cls, owned: OwnedFd) -> "Memfd":
+    def adopt(cls, owned: OwnedFd) -> Memfd:
         """Take over the fd of an OwnedFd (e.g. from ``Session.retrieve``)."""
         what = owned.what
         return cls(owned.detach(), what)

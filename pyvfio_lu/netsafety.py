@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import PyvfioError
-from .sysfs import PciDevice
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from .sysfs import PciDevice
 
 IFF_UP = 0x1
 RT_TABLE_MAIN = 254

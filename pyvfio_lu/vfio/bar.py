@@ -23,7 +23,7 @@ class Bar:
     """A PCI BAR region: exact-width MMIO through the mapping where the region is mappable
     (one volatile load or store of exactly 8/16/32/64 bits), ``pread``/``pwrite`` elsewhere."""
 
-    def __init__(self, device: "VfioDevice", info: RegionInfo, mmap: bool = True):
+    def __init__(self, device: VfioDevice, info: RegionInfo, mmap: bool = True):
         self.device = device
         self.info = info
         self.size = info.size

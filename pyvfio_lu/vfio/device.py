@@ -35,7 +35,7 @@ from ..errors import (
     error_for,
 )
 from ..fd import OwnedFd
-from ..ioctl import FdKind, call, fd_kind  # noqa: F401
+from ..ioctl import FdKind, call, fd_kind
 from ..iommu import Iommu
 from ..preservation import bdf_of_cdev, bdf_of_fd
 from ..sysfs import PciDevice, parse_bdf
@@ -94,7 +94,7 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
     # --- construction -----------------------------------------------------------------------
     @classmethod
     def open(cls, device: str | os.PathLike[str], iommu: Iommu | str | None = None, *,
-             sysfs: str = "/sys") -> "VfioDevice":
+             sysfs: str = "/sys") -> VfioDevice:
         """Open a device bound to vfio-pci, by BDF (or a ``/dev/vfio/devices/vfioN`` path),
         set up in ``iommu`` (an Iommu, a mode name, or None for a new ``iommufd`` one).
 
@@ -134,7 +134,7 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
             raise
 
     @classmethod
-    def _open_cdev(cls, path: str, bdf: str | None, iommu: Iommu, owns: bool) -> "VfioDevice":
+    def _open_cdev(cls, path: str, bdf: str | None, iommu: Iommu, owns: bool) -> VfioDevice:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError as exc:
@@ -161,7 +161,7 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
         return dev
 
     @classmethod
-    def _open_group(cls, pci: PciDevice, iommu: Iommu, owns: bool) -> "VfioDevice":
+    def _open_group(cls, pci: PciDevice, iommu: Iommu, owns: bool) -> VfioDevice:
         group = pci.iommu_group
         if group is None:
             raise NotSupported(errno.ENODEV, "VfioDevice.open", pci.bdf, "the device has no IOMMU group")
@@ -193,7 +193,7 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
 
     @classmethod
     def from_fd(cls, fd: int, *, iommu: Iommu | None = None, bdf: str | None = None, owned: bool = True,
-                bound: bool = False, attach: bool = True) -> "VfioDevice":
+                bound: bool = False, attach: bool = True) -> VfioDevice:
         """Wrap a VFIO device fd that was opened elsewhere (or retrieved from a LUO session).
 
         With ``iommu`` (iommufd mode) and ``bound=False`` the fd is bound to it (and

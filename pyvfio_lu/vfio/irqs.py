@@ -26,7 +26,7 @@ class EventFd(OwnedFd):
     __slots__ = ()
 
     @classmethod
-    def create(cls, what: str = "eventfd") -> "EventFd":
+    def create(cls, what: str = "eventfd") -> EventFd:
         return cls(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK), what)
 
     def wait(self, timeout: float | None = None) -> int:

@@ -20,11 +20,14 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from . import qemu
 from .initramfs import build_initramfs
 from .qemu import GuestError, GuestTimeout, Markers, QemuSpec
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["GuestError", "GuestResult", "GuestTimeout", "kexec_commands", "run_in_guest"]
 
