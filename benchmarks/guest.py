@@ -420,7 +420,7 @@ def _profile(fn: Callable[..., object], *args: Any, iters: int = 1, top: int = 1
     st = pstats.Stats(prof)
     rows = []
     # Stats.stats and .total_tt are what pstats itself reads; typeshed does not declare them
-    for (path, line, func), (cc, nc, tt, ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
+    for (path, line, func), (_cc, nc, tt, ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
         short = path
         for marker in ("/pyvfio_lu/", "/benchmarks/", "/lib/python3"):
             if marker in path:

@@ -212,7 +212,7 @@ def host(iommu: str, timeout: float, flavour: str = "auto") -> int:
     root = Path(__file__).resolve().parent.parent
 
     def echo(t: float, line: str) -> None:
-        if line.startswith(PREFIX) or line.startswith("pyvfio-lu:") or "Traceback" in line or "Error" in line:
+        if line.startswith((PREFIX, "pyvfio-lu:")) or "Traceback" in line or "Error" in line:
             print(f"[{t:6.1f}s] {line}", flush=True)
 
     result = run_in_guest(f"{python} -m pyvfio_lu.demo --guest-stage 1",

@@ -14,14 +14,14 @@ import warnings
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:  # typing's runtime objects cost import time; annotations need none of them
-    from typing import Protocol, Union
+    from typing import Protocol
 
     from typing_extensions import Self  # typing.Self from 3.11; type checkers ship this stub
 
     class HasFileno(Protocol):
         def fileno(self) -> int: ...
 
-    FileLike = Union[int, HasFileno]
+    FileLike = int | HasFileno
 else:
     FileLike = HasFileno = object  # only used in (unevaluated) annotations
 

@@ -62,7 +62,7 @@ def daemonize_and_hold(*files: FileLike) -> int:
             devnull = os.open(os.devnull, os.O_RDWR)
             for std in (0, 1, 2):
                 os.dup2(devnull, std)
-            _close_all_but(keep + [0, 1, 2])
+            _close_all_but([*keep, 0, 1, 2])
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             while True:
                 signal.pause()
@@ -487,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", required=True, help="Unix socket path to listen on (created mode 0600)")
     parser.add_argument("--uid", type=int, default=os.getuid(), help="only this uid may talk to the holder (default: own uid)")
     parser.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT, metavar="S",
-                        help=f"drop a client that has not sent its whole request within S seconds (default {REQUEST_TIMEOUT:.0f})")
+                        help="drop a client that has not sent its whole request within S seconds "
+                             f"(default {REQUEST_TIMEOUT:.0f})")
     parser.add_argument("--detach", action="store_true",
                         help="fork into the background (new session) and return at once")
     args = parser.parse_args(argv)

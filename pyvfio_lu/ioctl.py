@@ -176,10 +176,7 @@ def new_arg(req: Request, extra: int = 0, size: int | None = None) -> Any:
     """
     ctype = f"struct {req.arg} *"
     base = ffi.sizeof(ctype[:-2])
-    if extra:
-        arg = ffi.from_buffer(ctype, bytearray(base + extra))
-    else:
-        arg = ffi.new(ctype)
+    arg = ffi.from_buffer(ctype, bytearray(base + extra)) if extra else ffi.new(ctype)
     assert req.size_field is not None  # ffi.sizeof above failed for a request without a struct
     setattr(arg, req.size_field, base + extra if size is None else size)
     return arg
@@ -249,7 +246,7 @@ def fd_kind(fd: int) -> tuple[FdKind | None, str]:
         return FdKind.VFIO_CONTAINER, link
     if link == "/dev/iommu":
         return FdKind.IOMMUFD, link
-    if link.startswith("/dev/vfio/devices/") or link.startswith("anon_inode:[vfio-device"):
+    if link.startswith(("/dev/vfio/devices/", "anon_inode:[vfio-device")):
         return FdKind.VFIO_DEVICE, link
     if link.startswith("/dev/vfio/"):
         return FdKind.VFIO_GROUP, link

@@ -88,8 +88,8 @@ def cmdline_with(cmdline: str, **params: str) -> str:
     """``cmdline`` with each ``key=value`` in ``params`` replaced or appended (dots in keys
     are written as ``__``: ``pyvfio_lu__stage="2"``)."""
     words = cmdline.split()
-    for key, value in params.items():
-        key = key.replace("__", ".")
+    for arg, value in params.items():
+        key = arg.replace("__", ".")
         words = [w for w in words if w.split("=", 1)[0] != key] + [f"{key}={value}"]
     return " ".join(words)
 

@@ -291,8 +291,8 @@ class Session:
         from .iommu import file_mappings
 
         out = {}
-        for token, rec in self._records.items():
-            rec = dict(rec)
+        for token, kept in self._records.items():
+            rec = dict(kept)
             inode = rec.pop("inode", None)
             if inode is not None:
                 rec["iovas"] = file_mappings(tuple(inode))

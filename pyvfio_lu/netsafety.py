@@ -23,6 +23,8 @@ from .errors import PyvfioError
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+    from typing_extensions import Self  # typing.Self from 3.11; type checkers ship this stub
+
     from .sysfs import PciDevice
 
 IFF_UP = 0x1
@@ -83,8 +85,9 @@ class Route:
         return self.table != RT_TABLE_LOCAL and self.type == RTN_UNICAST
 
     def __str__(self) -> str:
-        where = "default" if not self.dst or (self.dst_len == 0 and self.dst in ("0.0.0.0", "::")) \
-            else f"{self.dst}/{self.dst_len}"
+        # S104: 0.0.0.0 here is a route's destination, not an address anything binds to
+        where = ("default" if not self.dst or (self.dst_len == 0 and self.dst in ("0.0.0.0", "::"))  # noqa: S104
+                 else f"{self.dst}/{self.dst_len}")
         text = where + (f" via {self.gateway}" if self.gateway else "")
         if self.table not in (RT_TABLE_MAIN, RT_TABLE_LOCAL):
             text += f" table {self.table}"
@@ -187,7 +190,7 @@ class Pyroute2Netlink:
     def close(self) -> None:
         self._ipr.close()
 
-    def __enter__(self) -> Pyroute2Netlink:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -141,10 +141,9 @@ def build_initramfs(init_script: Path | None = None, busybox: Path | None = None
         archive = newc_archive(initramfs_entries(script_bytes, busybox_bytes))
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
-            with open(tmp, "wb") as raw:
-                # no file name and mtime 0 in the gzip header: same inputs, same bytes
-                with gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
-                    gz.write(archive)
+            # no file name and mtime 0 in the gzip header: same inputs, same bytes
+            with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
+                gz.write(archive)
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)

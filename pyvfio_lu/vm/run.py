@@ -75,8 +75,8 @@ class GuestResult:
         rcs = ", ".join(f"stage {n} rc={'-' if rc is None else rc}"
                         for n, rc in self.stage_rc.items())
         lines = [
-            f"pyvfio-lu guest run: {'ok' if self.ok else 'FAILED'} "
-            f"(accel {self.accel}, iommu {self.iommu})",
+            (f"pyvfio-lu guest run: {'ok' if self.ok else 'FAILED'} "
+             f"(accel {self.accel}, iommu {self.iommu})"),
             f"  boot (QEMU start -> stage 1 command): {sec(self.boot_seconds)}",
         ]
         if 2 in self.stage_rc:

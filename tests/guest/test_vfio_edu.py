@@ -166,7 +166,7 @@ def test_reset(dev):
 
 def test_hot_reset_info(dev):
     try:
-        flags, devices = dev.hot_reset_info()
+        _flags, devices = dev.hot_reset_info()
     except errors.PyvfioError as exc:
         assert exc.errno == errno.ENODEV  # no slot or bus reset possible for this device
         return

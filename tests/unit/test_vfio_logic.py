@@ -200,7 +200,7 @@ def test_missing_iommu_device_nodes_say_what_is_missing(monkeypatch):
         raise FileNotFoundError(errno.ENOENT, "No such file or directory")
 
     monkeypatch.setattr(iommu.os, "open", enoent)
-    with pytest.raises(errors.NotFound, match="no iommufd.*CONFIG_IOMMUFD"):
+    with pytest.raises(errors.NotFound, match=r"no iommufd.*CONFIG_IOMMUFD"):
         Iommu("iommufd")
-    with pytest.raises(errors.NotFound, match="no VFIO container.*CONFIG_VFIO_CONTAINER"):
+    with pytest.raises(errors.NotFound, match=r"no VFIO container.*CONFIG_VFIO_CONTAINER"):
         Iommu("vfio_type1v2_iommu")
