@@ -358,9 +358,9 @@ def run_console(argv: Sequence[str], *, log_path: Path, timeout: float,
             elif eof:
                 try:
                     rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
+                except subprocess.TimeoutExpired:  # B904: left as the GuestTimeout's context, as it was
                     _kill(proc)
-                    raise GuestTimeout("the guest closed its console but did not exit within "  # noqa: B904 (context kept)
+                    raise GuestTimeout("the guest closed its console but did not exit within "  # noqa: B904
                                        f"{timeout:.0f} s and was killed", tail(), log_path)
             else:
                 _kill(proc)
