@@ -12,6 +12,11 @@ import subprocess
 import time
 from pathlib import Path
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from typing import Any
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SOURCE = HERE / "bench.c"
@@ -25,6 +30,7 @@ def uapi_header() -> str:
              "#ifndef PVL_UAPI_H", "#define PVL_UAPI_H", "#include <stdint.h>", "#include <sys/ioctl.h>"]
     for name in HEADER_MODULES:
         spec = importlib.util.spec_from_file_location(f"_pvl_bench_cdefs_{name}", ROOT / "cdefs" / f"{name}.py")
+        assert spec is not None and spec.loader is not None  # a .py path always has both
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         parts += [f"/* --- cdefs/{name}.py --- */", module.HEADER]
@@ -39,7 +45,7 @@ def compiler() -> str:
     return cc
 
 
-def build(workdir: Path) -> tuple[Path, dict]:
+def build(workdir: Path) -> tuple[Path, dict[str, Any]]:
     """Compile bench.c into ``workdir``; returns (binary, build facts)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "pvl_uapi.h").write_text(uapi_header())
@@ -56,7 +62,7 @@ def build(workdir: Path) -> tuple[Path, dict]:
                     "warnings": proc.stderr.strip()}
 
 
-def run(binary: Path, *args: object) -> dict[str, dict]:
+def run(binary: Path, *args: object) -> dict[str, dict[str, Any]]:
     """Run ``bench ARGS``; {bench name: {"iters": N, "ns": [...]}} from its JSON lines."""
     proc = subprocess.run([str(binary), *map(str, args)], check=False, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -28,6 +28,16 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    from pyvfio_lu.iommu import Iommu, Mapping
+    from pyvfio_lu.luo import Session
+    from pyvfio_lu.vfio import Bar, VfioDevice
+
 EDU_BDF = os.environ.get("PYVFIO_LU_EDU_BDF", "0000:00:04.0")
 IOVA_BASE = 1 << 32  # above the 32-bit MSI window, inside the vIOMMU's 39-bit space
 PYTHONPATH_ENV = "PYVFIO_LU_BENCH_PYTHONPATH"  # benchmark another pyvfio_lu tree (speed-up experiments)
@@ -67,11 +77,11 @@ def _setup_path() -> None:
         sys.path.insert(0, extra)
 
 
-def _sample(iters: int, times: list[int]) -> dict:
+def _sample(iters: int, times: list[int]) -> dict[str, Any]:
     return {"iters": iters, "ns": times}
 
 
-def _time(loop, n: int, repeats: int, *args) -> dict:
+def _time(loop: Callable[..., None], n: int, repeats: int, *args: Any) -> dict[str, Any]:
     times = []
     for _ in range(repeats):
         t0 = ns()
@@ -81,24 +91,24 @@ def _time(loop, n: int, repeats: int, *args) -> dict:
 
 
 # --- the Python loops -------------------------------------------------------------------------
-def _loop_empty(n):
+def _loop_empty(n: int) -> None:
     for _ in range(n):
         pass
 
 
-def _loop_info(dev, n):
+def _loop_info(dev: VfioDevice, n: int) -> None:
     for _ in range(n):
         dev.info()
 
 
-def _loop_info_raw(fd, n):
+def _loop_info_raw(fd: int, n: int) -> None:
     from pyvfio_lu.ioctl import FdKind, call
 
     for _ in range(n):
         call(FdKind.VFIO_DEVICE, fd, "VFIO_DEVICE_GET_INFO")
 
 
-def _loop_ioctl_floor(fd, number, arg, n):
+def _loop_ioctl_floor(fd: int, number: int, arg: Any, n: int) -> None:
     from pyvfio_lu._cffi import lib
 
     ioctl = lib.pvl_ioctl
@@ -106,17 +116,17 @@ def _loop_ioctl_floor(fd, number, arg, n):
         ioctl(fd, number, arg)
 
 
-def _loop_read32(bar, n):
+def _loop_read32(bar: Bar, n: int) -> None:
     for _ in range(n):
         bar.read32(0)
 
 
-def _loop_write32(bar, n):
+def _loop_write32(bar: Bar, n: int) -> None:
     for i in range(n):
         bar.write32(4, i)
 
 
-def _loop_read32_floor(ptr, n):
+def _loop_read32_floor(ptr: Any, n: int) -> None:
     from pyvfio_lu._cffi import lib
 
     read32 = lib.pvl_mmio_read32
@@ -124,19 +134,19 @@ def _loop_read32_floor(ptr, n):
         read32(ptr, 0)
 
 
-def _loop_get_name(session, n):
+def _loop_get_name(session: Session, n: int) -> None:
     for _ in range(n):
         session.get_name()
 
 
-def _loop_get_name_raw(fd, n):
+def _loop_get_name_raw(fd: int, n: int) -> None:
     from pyvfio_lu.ioctl import FdKind, call
 
     for _ in range(n):
         call(FdKind.LUO_SESSION, fd, "LIVEUPDATE_SESSION_GET_NAME")
 
 
-def py_calibration(cfg: Config) -> dict[str, dict]:
+def py_calibration(cfg: Config) -> dict[str, dict[str, Any]]:
     """The cffi floor on an ioctl any machine has (FIONREAD on a pipe): run on the host
     too, it shows how TCG changes the Python/C ratio of one call."""
     import termios
@@ -152,10 +162,12 @@ def py_calibration(cfg: Config) -> dict[str, dict]:
         os.close(w)
 
 
-def calibration(cfg: Config, binary: Path) -> tuple[dict, dict]:
+def calibration(cfg: Config, binary: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(Python, C) samples of the FIONREAD calibration, alternating."""
     from . import cprog
 
+    py: dict[str, Any]
+    c: dict[str, Any]
     py, c = {}, {}
     for _ in range(cfg.alternations):
         _pool(py, py_calibration(cfg))
@@ -164,7 +176,7 @@ def calibration(cfg: Config, binary: Path) -> tuple[dict, dict]:
 
 
 # --- ioctl round trips and MMIO -------------------------------------------------------------
-def bind_edu() -> str:
+def bind_edu() -> str | None:
     """Bind the edu device to vfio-pci; its cdev path."""
     from pyvfio_lu import edu
     from pyvfio_lu.sysfs import PciDevice
@@ -176,10 +188,9 @@ def bind_edu() -> str:
     return pci.vfio_cdev
 
 
-def py_device(cfg: Config) -> dict[str, dict]:
-    from pyvfio_lu._cffi import ffi, lib
-
+def py_device(cfg: Config) -> dict[str, dict[str, Any]]:
     from pyvfio_lu import edu
+    from pyvfio_lu._cffi import ffi, lib
     from pyvfio_lu.vfio import VfioDevice
 
     out = {}
@@ -202,9 +213,8 @@ def py_device(cfg: Config) -> dict[str, dict]:
     return out
 
 
-def py_getname(cfg: Config) -> dict[str, dict]:
+def py_getname(cfg: Config) -> dict[str, dict[str, Any]]:
     from pyvfio_lu._cffi import ffi, lib
-
     from pyvfio_lu.luo import LiveUpdate
 
     name = f"bench-getname-py-{os.getpid()}"
@@ -224,17 +234,17 @@ def py_getname(cfg: Config) -> dict[str, dict]:
 
 
 # --- DMA mapping -----------------------------------------------------------------------------
-def _map_pieces(iommu, base: int, piece: int, count: int) -> list:
+def _map_pieces(iommu: Iommu, base: int, piece: int, count: int) -> list[Mapping]:
     return [iommu.map(base + i * piece, IOVA_BASE + i * piece, size=piece, unsafe_address=True)
             for i in range(count)]
 
 
-def _unmap_all(iommu, maps: list) -> None:
+def _unmap_all(iommu: Iommu, maps: list[Mapping]) -> None:
     for m in maps:
         iommu.unmap(m)
 
 
-def py_dma(total: int, piece: int, rounds: int) -> dict[str, dict]:
+def py_dma(total: int, piece: int, rounds: int) -> dict[str, dict[str, Any]]:
     """IOMMU_IOAS_MAP of ``total`` bytes of a DmaBuffer in ``piece``-sized pieces, then
     IOMMU_IOAS_UNMAP of each, ``rounds`` times; map and unmap phases timed apart."""
     from pyvfio_lu.iommu import PAGE, DmaBuffer
@@ -245,6 +255,7 @@ def py_dma(total: int, piece: int, rounds: int) -> dict[str, dict]:
     with VfioDevice.open(EDU_BDF, "iommufd") as dev, DmaBuffer(total) as buf:
         buf.view()[::PAGE] = b"\1" * (total // PAGE)  # fault every page in before timing (C does the same)
         iommu, base = dev.iommu, buf.address
+        assert iommu is not None and iommu.ioas_id is not None  # open() made an iommufd one
         for _ in range(rounds):
             t0 = ns()
             maps = _map_pieces(iommu, base, piece, count)
@@ -260,7 +271,7 @@ def py_dma(total: int, piece: int, rounds: int) -> dict[str, dict]:
             f"dma_map_floor_{piece}": _sample(count, floor[0]), f"dma_unmap_floor_{piece}": _sample(count, floor[1])}
 
 
-def _dma_floor(iommufd: int, ioas: int, base: int, piece: int, count: int, rounds: int):
+def _dma_floor(iommufd: int, ioas: int, base: int, piece: int, count: int, rounds: int) -> tuple[list[int], list[int]]:
     """The same ioctls from the plainest Python: one struct per call, lib.pvl_ioctl, a result test."""
     from pyvfio_lu._cffi import ffi, lib
 
@@ -297,7 +308,7 @@ def _expected(files: int) -> tuple[bytes, ...]:
     return tuple(memfd_data(i).ljust(4096, b"\0") for i in range(files))
 
 
-def py_lu_preserve(session_name: str, files: int):
+def py_lu_preserve(session_name: str, files: int) -> tuple[int, Session]:
     """Create ``session_name`` and preserve ``files`` memfds; (elapsed ns, the session)."""
     from pyvfio_lu.luo import LiveUpdate
     from pyvfio_lu.memfd import Memfd
@@ -328,7 +339,7 @@ def py_lu_retrieve(session_name: str, files: int) -> int:
     return ns() - t0
 
 
-def py_lu_preserve_floor(session_name: str, files: int):
+def py_lu_preserve_floor(session_name: str, files: int) -> tuple[int, int]:
     """The same syscalls as py_lu_preserve from the plainest Python (os.*, lib.pvl_ioctl):
     the bound for any Python code under these conditions; (elapsed ns, session fd)."""
     from pyvfio_lu._cffi import ffi, lib
@@ -390,7 +401,7 @@ def py_lu_retrieve_floor(session_name: str, files: int) -> int:
     return ns() - t0
 
 
-def hold(sessions) -> int:
+def hold(sessions: list[Session | int]) -> int:
     """Keep the outgoing sessions open until the kexec (a detached child); its pid."""
     from pyvfio_lu.holder import daemonize_and_hold
 
@@ -401,14 +412,15 @@ def hold(sessions) -> int:
 
 
 # --- profiles --------------------------------------------------------------------------------
-def _profile(fn, *args, iters: int = 1, top: int = 10) -> dict:
+def _profile(fn: Callable[..., object], *args: Any, iters: int = 1, top: int = 10) -> dict[str, Any]:
     prof = cProfile.Profile()
     prof.enable()
     fn(*args)
     prof.disable()
     st = pstats.Stats(prof)
     rows = []
-    for (path, line, func), (cc, nc, tt, ct, _callers) in st.stats.items():
+    # Stats.stats and .total_tt are what pstats itself reads; typeshed does not declare them
+    for (path, line, func), (_cc, nc, tt, ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
         short = path
         for marker in ("/pyvfio_lu/", "/benchmarks/", "/lib/python3"):
             if marker in path:
@@ -417,15 +429,17 @@ def _profile(fn, *args, iters: int = 1, top: int = 10) -> dict:
         rows.append({"function": f"{short}:{line}({func})" if line else func, "calls_per_iter": nc / iters,
                      "own_ns_per_iter": tt * 1e9 / iters, "cum_ns_per_iter": ct * 1e9 / iters})
     rows.sort(key=lambda r: -r["own_ns_per_iter"])
-    return {"iters": iters, "total_ns_per_iter": st.total_tt * 1e9 / iters, "top": rows[:top]}
+    total_tt: float = st.total_tt  # type: ignore[attr-defined]
+    return {"iters": iters, "total_ns_per_iter": total_tt * 1e9 / iters, "top": rows[:top]}
 
 
-def profiles_single_boot(cfg: Config) -> dict[str, dict]:
+def profiles_single_boot(cfg: Config) -> dict[str, dict[str, Any]]:
     """cProfile of each Python loop (cProfile inflates Python-level calls: read the shares)."""
     from pyvfio_lu.iommu import DmaBuffer
     from pyvfio_lu.luo import LiveUpdate
     from pyvfio_lu.vfio import VfioDevice
 
+    out: dict[str, dict[str, Any]]
     out, n = {}, cfg.profile_iters
     with VfioDevice.open(EDU_BDF, "iommufd") as dev:
         out["ioctl_get_info"] = _profile(_loop_info, dev, n, iters=n)
@@ -436,7 +450,8 @@ def profiles_single_boot(cfg: Config) -> dict[str, dict]:
         pieces = cfg.profile_dma_pieces
         with DmaBuffer(pieces * 4096) as buf:
 
-            def dma():
+            def dma() -> None:
+                assert dev.iommu is not None  # open() made one
                 _unmap_all(dev.iommu, _map_pieces(dev.iommu, buf.address, 4096, pieces))
 
             out["dma_4096"] = _profile(dma, iters=pieces)
@@ -452,14 +467,15 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def single_boot(cfg: Config, workdir: Path, log=_log, only: set[str] | None = None) -> dict:
+def single_boot(cfg: Config, workdir: Path, log: Callable[[str], None] = _log,
+                only: set[str] | None = None) -> dict[str, Any]:
     """Everything that needs no kexec: imports, C build, ioctl, MMIO, DMA, profiles."""
     from . import cprog, imports
 
     def want(group: str) -> bool:
         return only is None or group in only
 
-    res: dict = {"python": {}, "c": {}, "imports": {}, "profiles": {}, "facts": {}}
+    res: dict[str, Any] = {"python": {}, "c": {}, "imports": {}, "profiles": {}, "facts": {}}
     py, c = res["python"], res["c"]
     t_start = time.monotonic()
     if want("import"):
@@ -501,7 +517,7 @@ def single_boot(cfg: Config, workdir: Path, log=_log, only: set[str] | None = No
     return res
 
 
-def _pool(into: dict, new: dict) -> None:
+def _pool(into: dict[str, Any], new: dict[str, Any]) -> None:
     from .stats import merge
 
     for name, sample in new.items():
@@ -541,12 +557,13 @@ def stage1(cfg: Config, out: Path, only: set[str] | None) -> int:
     if only is None or "lu" in only:
         binary = workdir / "c" / "bench"
         print(f"bench: live update warm-up: sessions bench-warm-py/-c of {cfg.lu_files} memfds (untimed)", flush=True)
-        sessions = [py_lu_preserve("bench-warm-py", cfg.lu_files)[1]]
+        sessions: list[Session | int] = [py_lu_preserve("bench-warm-py", cfg.lu_files)[1]]
         cprog.run(binary, "lu-preserve", "bench-warm-c", cfg.lu_files)
         for k in range(cfg.lu_samples):
             order = _lu_order(k)
             print(f"bench: live update sample {k + 1}/{cfg.lu_samples}: preserve {cfg.lu_files} memfds "
                   f"({order[0]} first)", flush=True)
+            s: Session | int | None
             for side in order:
                 if side == "python":
                     elapsed, s = py_lu_preserve(f"bench-py-{k}", cfg.lu_files)
@@ -558,9 +575,9 @@ def stage1(cfg: Config, out: Path, only: set[str] | None) -> int:
                     sessions.append(s)
                 res["lu"][f"preserve_{side}"].append(elapsed)
         if only is None or "profile" in only:
-            prof = {}
+            prof: dict[str, Session] = {}
 
-            def preserve():
+            def preserve() -> None:
                 prof["s"] = py_lu_preserve("bench-prof", cfg.profile_lu_files)[1]
 
             res["profiles"]["lu_preserve"] = _profile(preserve, iters=cfg.profile_lu_files)
@@ -577,7 +594,7 @@ def stage2(cfg: Config, out: Path, only: set[str] | None) -> int:
     binary = out.parent / "build" / "c" / "bench"
     if not binary.exists():
         binary, _facts = cprog.build(Path(tempfile.mkdtemp(prefix="pyvfio-lu-bench-")) / "c")
-    res: dict = {"lu": {"retrieve_python": [], "retrieve_c": [], "retrieve_floor": []}, "profiles": {}}
+    res: dict[str, Any] = {"lu": {"retrieve_python": [], "retrieve_c": [], "retrieve_floor": []}, "profiles": {}}
     _expected(cfg.lu_files), _expected(cfg.profile_lu_files)
     # The first retrievals after a kexec are several times slower for both sides (cold kernel
     # and page-cache state right after boot): the warm-up sessions absorb that, untimed.

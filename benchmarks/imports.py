@@ -15,6 +15,11 @@ import statistics
 import subprocess
 import sys
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from typing import Any
+
 MODULES = ("pyvfio_lu", "pyvfio_lu._cffi", "pyvfio_lu.luo", "pyvfio_lu.vfio")
 _LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \| ( *)(\S+)\s*$")
 _MARK = "pyvfio-lu-bench-import-start"
@@ -50,13 +55,17 @@ def parse_importtime(stderr: str) -> tuple[int, list[tuple[str, int, int, str]]]
 
 
 def measure(module: str, n: int, python: str | None = None, pythonpath: str | None = None,
-            pycache_prefix: str = "/tmp/pyvfio-lu-bench-pycache") -> dict:
+            pycache_prefix: str = "/tmp/pyvfio-lu-bench-pycache") -> dict[str, Any]:
     """Import ``module`` in ``n`` fresh interpreters (after one warm-up); wall and importtime figures in ns."""
     env = dict(os.environ, PYTHONPYCACHEPREFIX=pycache_prefix)
     for var in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE"):
         env.pop(var, None)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
+    walls: list[int]
+    cums: list[int]
+    best_entries: list[tuple[str, int, int, str]]
+    warmup_ns: int | None
     walls, cums, best_entries, warmup_ns = [], [], [], None
     for i in range(n + 1):
         proc = subprocess.run([python or sys.executable, "-X", "importtime", "-c", _code(module)],
@@ -82,5 +91,5 @@ def measure(module: str, n: int, python: str | None = None, pythonpath: str | No
 
 
 def measure_all(n: int, python: str | None = None, pythonpath: str | None = None,
-                pycache_prefix: str = "/tmp/pyvfio-lu-bench-pycache") -> dict[str, dict]:
+                pycache_prefix: str = "/tmp/pyvfio-lu-bench-pycache") -> dict[str, dict[str, Any]]:
     return {m: measure(m, n, python, pythonpath, pycache_prefix) for m in MODULES}

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from .stats import fmt_ns, summarize
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
 
 IMPORT_TARGET_NS = 25e6
 IMPORT_TARGET_MODULE = "pyvfio_lu"
@@ -42,7 +47,7 @@ def _dma_rows(piece: int, what: str) -> list[Row]:
     ]
 
 
-def rows(results: dict) -> list[Row]:
+def rows(results: dict[str, Any]) -> list[Row]:
     big = _size(results.get("config", {}).get("dma_big_total", 1 << 30))
     small = _size(results.get("config", {}).get("dma_small_total", 16 << 20))
     return [
@@ -78,7 +83,7 @@ def rows(results: dict) -> list[Row]:
     ]
 
 
-def derive(results: dict) -> None:
+def derive(results: dict[str, Any]) -> None:
     """Add the combined samples (DMA map+unmap per round, live update both sides)."""
     for side in ("python", "c"):
         data = results.get(side, {})
@@ -102,7 +107,7 @@ def derive(results: dict) -> None:
                                                                                     lu["retrieve_floor"])]}
 
 
-def compare(results: dict) -> list[dict]:
+def compare(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One entry per row that has both sides: figures, ratio, target, met."""
     out = []
     for row in rows(results):
@@ -123,7 +128,7 @@ def compare(results: dict) -> list[dict]:
     return out
 
 
-def import_rows(results: dict) -> list[dict]:
+def import_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Import times; the 25 ms target is the one for ``import pyvfio_lu`` (host and guest);
     the submodules are shown against it for information."""
     out = []
@@ -141,7 +146,7 @@ def import_rows(results: dict) -> list[dict]:
 
 
 # --- markdown ----------------------------------------------------------------------------------
-def _iters_text(r: dict) -> str:
+def _iters_text(r: dict[str, Any]) -> str:
     if r["group"] == "dma":
         return f"{r['iters']} pieces × {r['repeats']} rounds"
     if r["group"] == "lu":
@@ -149,13 +154,13 @@ def _iters_text(r: dict) -> str:
     return f"{r['iters']} calls × {r['repeats']} repeats"
 
 
-def _met(r: dict) -> str:
+def _met(r: dict[str, Any]) -> str:
     if r["met"] is None:
         return "—"
     return f"≤{r['target']:g}x: **met**" if r["met"] else f"≤{r['target']:g}x: **missed**"
 
 
-def table(results: dict) -> str:
+def table(results: dict[str, Any]) -> str:
     lines = ["| Benchmark | Python median (min) | C median (min) | Python/C median (min) | Target | Iterations |",
              "|---|---|---|---|---|---|"]
     for r in results["rows"]:
@@ -179,11 +184,11 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _row(results: dict, key: str) -> dict | None:
+def _row(results: dict[str, Any], key: str) -> dict[str, Any] | None:
     return next((r for r in results["rows"] if r["key"] == key), None)
 
 
-def _top(results: dict, name: str, k: int = 4) -> str:
+def _top(results: dict[str, Any], name: str, k: int = 4) -> str:
     prof = results.get("profiles", {}).get(name)
     if not prof:
         return ""
@@ -194,7 +199,7 @@ def _top(results: dict, name: str, k: int = 4) -> str:
     return f" cProfile, own time per call ({name}): " + ", ".join(parts) + "."
 
 
-def _chain(results: dict, where: str, module: str, name: str) -> str:
+def _chain(results: dict[str, Any], where: str, module: str, name: str) -> str:
     """'a <- b <- c': who imported ``name`` during ``import module``."""
     importers = results.get("imports", {}).get(where, {}).get(module, {}).get("imported_by", {})
     chain, seen = [name], {name}
@@ -204,7 +209,7 @@ def _chain(results: dict, where: str, module: str, name: str) -> str:
     return " ← ".join(f"`{c}`" for c in chain)
 
 
-def _dma_floor_text(results: dict) -> str:
+def _dma_floor_text(results: dict[str, Any]) -> str:
     floors = [(f, lbl) for f, lbl in ((_row(results, "dma_2097152_floor"), "2 MiB"),
                                       (_row(results, "dma_4096_floor"), "4 KiB")) if f]
     calib = _row(results, "calib_guest")
@@ -221,7 +226,7 @@ def _dma_floor_text(results: dict) -> str:
     return text
 
 
-def analysis(results: dict) -> list[str]:
+def analysis(results: dict[str, Any]) -> list[str]:
     """Where the Python time goes, from the floor rows, the profiles and the DMA scaling."""
     out = []
     py = results.get("python", {})
@@ -270,10 +275,10 @@ def analysis(results: dict) -> list[str]:
     m2, u2, m4, u4 = (_row(results, k) for k in ("dma_2097152_map", "dma_2097152_unmap", "dma_4096_map",
                                                   "dma_4096_unmap"))
     if m2 and u2 and m4 and u4:
-        def over(r):
+        def over(r: dict[str, float]) -> float:
             return (r["python_median_ns"] - r["c_median_ns"]) / r["iters"]
 
-        def per(r, side):
+        def per(r: dict[str, float], side: str) -> float:
             return r[f"{side}_median_ns"] / r["iters"]
 
         out.append(
@@ -323,7 +328,7 @@ def _plain(label: str | None) -> str:
     return (label or "").replace("**", "")
 
 
-def tcg_note(results: dict) -> str:
+def tcg_note(results: dict[str, Any]) -> str:
     text = ("**Measured under TCG: read the ratios with care.** The guest runs on QEMU's TCG (no KVM here): "
             "every guest instruction is translated, which makes syscalls dearer than on hardware but slows the "
             "Python interpreter even more (bytecode dispatch is all guest instructions). An MMIO access is "
@@ -341,7 +346,7 @@ def tcg_note(results: dict) -> str:
     return text
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict[str, Any]) -> str:
     meta, cfg = results["meta"], results.get("config", {})
     facts = results.get("facts", {})
     guest = results.get("guest", {})
@@ -377,7 +382,8 @@ def markdown(results: dict) -> str:
         "every page faulted in beforehand, each round maps every piece then unmaps each; the device is attached "
         "to the IOAS (intel vIOMMU), IOVAs from 4 GiB up. The 4 KiB-piece case maps a fixed "
         f"{_size(cfg.get('dma_small_total', 0))} subset ({cfg.get('dma_small_total', 0) // 4096} pieces), the "
-        "same for C and Python: all 262144 pieces of 1 GiB take minutes per round under TCG; the plain-Python floor rows issue the same ioctls from a bare loop in the same "
+        "same for C and Python: all 262144 pieces of 1 GiB take minutes per round under TCG; the plain-Python "
+        "floor rows issue the same ioctls from a bare loop in the same "
         "process. Live update: untimed warm-up sessions first, then per sample three sessions, `bench-py-K` "
         "(pyvfio_lu), `bench-c-K` (C) and `bench-floor-K` (plain Python: `os.*` and `lib.pvl_ioctl`), preserved "
         "in rotating order before the kexec and retrieved in the same order after it, each of "
@@ -397,7 +403,7 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def against(results: dict, baseline: dict) -> str:
+def against(results: dict[str, Any], baseline: dict[str, Any]) -> str:
     """A markdown section: this run's Python figures next to a baseline run's (e.g. before and
     after a library change benchmarked with --pythonpath)."""
     meta = baseline.get("meta", {})
@@ -425,7 +431,7 @@ def against(results: dict, baseline: dict) -> str:
 
 
 # --- chart -------------------------------------------------------------------------------------
-def chart(results: dict, path: Path) -> None:
+def chart(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -454,13 +460,13 @@ def chart(results: dict, path: Path) -> None:
     ax2 = axes[1]
     if imp:
         names = [r["module"] for r in imp]
-        yi = list(range(len(imp)))[::-1]
-        ax2.barh([v + 0.2 for v in yi], [r["guest_best_ns"] / 1e6 for r in imp], height=0.4, label="guest (TCG)",
+        yis = list(range(len(imp)))[::-1]
+        ax2.barh([v + 0.2 for v in yis], [r["guest_best_ns"] / 1e6 for r in imp], height=0.4, label="guest (TCG)",
                  color="#1565c0")
-        ax2.barh([v - 0.2 for v in yi], [(r["host_best_ns"] or 0) / 1e6 for r in imp], height=0.4, label="host",
+        ax2.barh([v - 0.2 for v in yis], [(r["host_best_ns"] or 0) / 1e6 for r in imp], height=0.4, label="host",
                  color="#90caf9")
         ax2.axvline(IMPORT_TARGET_NS / 1e6, color="black", lw=1.5, ls="--", label="target 25 ms (import pyvfio_lu)")
-        ax2.set_yticks(yi)
+        ax2.set_yticks(yis)
         ax2.set_yticklabels([f"import {n}" for n in names], fontsize=8)
         ax2.set_xlabel("ms, best of N fresh processes")
         ax2.set_title("Cold import")
@@ -472,14 +478,14 @@ def chart(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def build(results: dict) -> dict:
+def build(results: dict[str, Any]) -> dict[str, Any]:
     derive(results)
     results["rows"] = compare(results)
     results["import_rows"] = import_rows(results)
     return results
 
 
-def missing(results: dict) -> list[str]:
+def missing(results: dict[str, Any]) -> list[str]:
     """Benchmarks that produced no numbers (for the smoke check)."""
     have = {r["key"] for r in results["rows"]}
     gone = [r.key for r in rows(results) if r.key not in have]

@@ -22,6 +22,11 @@ from pathlib import Path
 from . import imports, report
 from .guest import FULL, PYTHONPATH_ENV, SMOKE
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from typing import Any
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 GROUPS = ("import", "ioctl", "mmio", "dma", "lu", "profile")
@@ -171,11 +176,12 @@ def _git_state() -> str:
     return head + (" + uncommitted changes in pyvfio_lu/ or cdefs/" if dirty else "")
 
 
-def _load(path: Path) -> dict:
+def _load(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        doc: dict[str, Any] = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return doc
 
 
 if __name__ == "__main__":

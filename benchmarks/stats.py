@@ -4,28 +4,33 @@ from __future__ import annotations
 
 import statistics
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
-def per_op(sample: dict) -> list[float]:
+if TYPE_CHECKING:
+    from typing import Any
+
+
+def per_op(sample: dict[str, Any]) -> list[float]:
     """ns per operation of each repeat of a {"iters": N, "ns": [total ns, ...]} sample."""
     n = max(int(sample["iters"]), 1)
     return [t / n for t in sample["ns"]]
 
 
-def summarize(sample: dict) -> dict:
+def summarize(sample: dict[str, Any]) -> dict[str, Any]:
     values = per_op(sample)
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "repeats": len(values), "iters": int(sample["iters"])}
 
 
-def merge(*samples: dict | None) -> dict | None:
+def merge(*samples: dict[str, Any] | None) -> dict[str, Any] | None:
     """Pool the repeats of several samples of one benchmark (same iteration count)."""
-    samples = [s for s in samples if s]
-    if not samples:
+    present = [s for s in samples if s]
+    if not present:
         return None
-    iters = {int(s["iters"]) for s in samples}
+    iters = {int(s["iters"]) for s in present}
     if len(iters) != 1:
         raise ValueError(f"cannot pool samples with different iteration counts {sorted(iters)}")
-    return {"iters": iters.pop(), "ns": [t for s in samples for t in s["ns"]]}
+    return {"iters": iters.pop(), "ns": [t for s in present for t in s["ns"]]}
 
 
 def fmt_ns(ns: float) -> str:

@@ -9,8 +9,12 @@ from __future__ import annotations
 import importlib.util
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cffi import FFI
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
 HEADER_MODULES = ("liveupdate", "vfio", "iommufd")
@@ -18,9 +22,10 @@ HEADER_MODULES = ("liveupdate", "vfio", "iommufd")
 _DEFINE = re.compile(r"^#define\s+(\w+)\s+\S.*$", re.M)
 
 
-def _load(name: str):
+def _load(name: str) -> ModuleType:
     # Loaded by path: setup.py runs this file as a script, not as part of a package.
     spec = importlib.util.spec_from_file_location(f"_pyvfio_lu_cdefs_{name}", HERE / f"{name}.py")
+    assert spec is not None and spec.loader is not None  # a .py path always has both
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

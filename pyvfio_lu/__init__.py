@@ -14,6 +14,15 @@ from __future__ import annotations
 
 import importlib
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers (nothing is imported at run time)
+    from . import errors, kexec, status
+    from .holder import Holder, daemonize_and_hold
+    from .luo import LiveUpdate, PreservationLost, Session
+    from .memfd import Memfd
+    from .vfio import Iommu, VfioDevice
+
 __version__ = "0.2.0"
 
 _LAZY = {
@@ -30,10 +39,13 @@ _LAZY = {
     "errors": "pyvfio_lu.errors",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [  # sorted(_LAZY), spelled out for type checkers
+    "Holder", "Iommu", "LiveUpdate", "Memfd", "PreservationLost", "Session", "VfioDevice",
+    "daemonize_and_hold", "errors", "kexec", "status",
+]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'pyvfio_lu' has no attribute {name!r}")
@@ -43,5 +55,5 @@ def __getattr__(name: str):
     return value
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(list(globals()) + __all__)

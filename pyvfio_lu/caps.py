@@ -4,13 +4,15 @@ start of the info buffer, ``next == 0`` ends the chain)."""
 from __future__ import annotations
 
 import errno
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
-
-if TYPE_CHECKING:
-    from typing import Any, Iterator
 
 from ._cffi import ffi
 from .errors import PyvfioError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Any
 
 HEADER = ffi.sizeof("struct vfio_info_cap_header")
 

@@ -15,6 +15,11 @@ import sys
 
 from . import __version__
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from typing import Any
+
 EXAMPLES = """\
 examples:
   pyvfio-lu devices                      PCI devices: driver, IOMMU group (and who shares it), VFIO cdev, NICs
@@ -35,13 +40,13 @@ exit codes: 0 ok, 1 failed, 2 bad usage, 3 refused by a safety check (see --forc
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
 
 
-def _print_json(obj) -> None:
+def _print_json(obj: object) -> None:
     json.dump(obj, sys.stdout, indent=1, default=str)
     sys.stdout.write("\n")
 
 
 # --- devices ----------------------------------------------------------------------------------
-def cmd_devices(args) -> int:
+def cmd_devices(args: argparse.Namespace) -> int:
     from .sysfs import PciDevice, list_devices
 
     if args.bdf:
@@ -73,7 +78,7 @@ def cmd_devices(args) -> int:
 
 
 # --- bind / unbind ----------------------------------------------------------------------------
-def cmd_bind(args) -> int:
+def cmd_bind(args: argparse.Namespace) -> int:
     from .netsafety import check_device
     from .sysfs import PciDevice
 
@@ -97,7 +102,7 @@ def cmd_bind(args) -> int:
     return EXIT_OK
 
 
-def cmd_unbind(args) -> int:
+def cmd_unbind(args: argparse.Namespace) -> int:
     from .netsafety import check_device
     from .sysfs import PciDevice, check_driver_name, is_vfio_driver
 
@@ -108,8 +113,8 @@ def cmd_unbind(args) -> int:
     if not is_vfio_driver(before):
         check_device(pci, force=args.force)  # it is a kernel driver's device: is it in use?
     pci.restore(args.driver)
-    result = {"ok": True, "bdf": pci.bdf, "previous_driver": before, "driver": pci.driver,
-              "net": pci.net_interfaces}
+    result: dict[str, Any] = {"ok": True, "bdf": pci.bdf, "previous_driver": before, "driver": pci.driver,
+                              "net": pci.net_interfaces}
     if args.json:
         _print_json(result)
     else:
@@ -118,7 +123,7 @@ def cmd_unbind(args) -> int:
     return EXIT_OK
 
 
-def cmd_recover(args) -> int:
+def cmd_recover(args: argparse.Namespace) -> int:
     from .preservation import recover_frozen
     from .sysfs import PciDevice
 
@@ -160,7 +165,7 @@ def _adopt_ledgers() -> None:
         pass  # busy: whoever holds it adopted them, or will
 
 
-def cmd_status(args) -> int:
+def cmd_status(args: argparse.Namespace) -> int:
     from .status import status
 
     _adopt_ledgers()
@@ -214,7 +219,7 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
-def cmd_demo(args) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
     return demo_main(["--iommu", args.iommu, "--timeout", str(args.timeout), "--flavour", args.flavour])
@@ -230,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def add(name: str, help: str, description: str, example: str):
+    def add(name: str, help: str, description: str, example: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=description, epilog=example,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
@@ -326,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except PyvfioError as exc:
         code = exit_code_for(exc)
         print(f"pyvfio-lu {args.command}: {exc}", file=sys.stderr)

@@ -18,6 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from .edu import Edu
+    from .memfd import Memfd
+    from .vfio import VfioDevice
+
 EDU_BDF = "0000:00:04.0"
 SESSION = "demo-vm"
 RAM_TOKEN = 1
@@ -53,12 +60,13 @@ def _ram_pattern() -> bytes:
     return block * (RAM_SIZE // len(block))
 
 
-def _dma_check(dev, e, ram, offset: int) -> bool:
+def _dma_check(dev: VfioDevice, e: Edu, ram: Memfd, offset: int) -> bool:
     """edu copies guest RAM at IOVA+offset into its buffer and back out to a scratch
     page; the scratch page must then hold the same bytes as the RAM."""
     from . import edu
     from .iommu import DmaBuffer
 
+    assert dev.iommu is not None  # opened (or retrieved) with an iommufd Iommu
     scratch_iova = IOVA + RAM_SIZE
     with DmaBuffer(4096) as scratch:
         m = dev.iommu.map(scratch, scratch_iova)
@@ -91,6 +99,7 @@ def guest_stage1(step: Steps) -> int:
     ram.seal("grow", "shrink")
     step(f"guest RAM: memfd of {RAM_SIZE >> 20} MiB, sha256 {hashlib.sha256(ram.read_all()).hexdigest()[:16]}…")
     with VfioDevice.open(EDU_BDF, "iommufd") as dev:
+        assert dev.iommu is not None  # open() made one
         info = dev.info()
         step(f"VFIO cdev + iommufd: bound (devid {dev.devid}), attached to IOAS {dev.iommu.ioas_id} "
              f"(hwpt {dev.hwpt_id}); {info.num_regions} regions, {info.num_irqs} IRQ indexes")
@@ -161,6 +170,7 @@ def guest_stage2(step: Steps) -> int:
             dev = VfioDevice.open(EDU_BDF, "iommufd")
             how = "opened afresh (the previous kernel could not preserve it)"
         with dev:
+            assert dev.iommu is not None  # from_fd() or open() was given one
             for iova, size, offset in ram_iovas:
                 dev.iommu.map_file(ram, iova, size=size, offset=offset, writeable=False)
             dev.enable_bus_master()
@@ -202,7 +212,7 @@ def host(iommu: str, timeout: float, flavour: str = "auto") -> int:
     root = Path(__file__).resolve().parent.parent
 
     def echo(t: float, line: str) -> None:
-        if line.startswith(PREFIX) or line.startswith("pyvfio-lu:") or "Traceback" in line or "Error" in line:
+        if line.startswith((PREFIX, "pyvfio-lu:")) or "Traceback" in line or "Error" in line:
             print(f"[{t:6.1f}s] {line}", flush=True)
 
     result = run_in_guest(f"{python} -m pyvfio_lu.demo --guest-stage 1",

@@ -20,7 +20,11 @@ import errno
 import time
 
 from .errors import PyvfioError
-from .vfio import Bar, VfioDevice
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from .vfio import Bar, VfioDevice
 
 VENDOR, DEVICE = 0x1234, 0x11E8
 ID = 0x010000ED

@@ -14,6 +14,12 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any
+
 
 class PyvfioError(OSError):
     """Base class of every error raised by pyvfio_lu.
@@ -23,6 +29,11 @@ class PyvfioError(OSError):
     """
 
     default_reason = ""
+    #: set by the batch verbs (map_many, unmap_many, preserve_many, retrieve_many): the index
+    #: of the element that failed; those before it were done
+    index: int | None = None
+    #: map_many: the Mappings made before the failing piece (they stay mapped and listed)
+    mappings: list[Any] | None = None
 
     def __init__(self, err: int | None, operation: str, target: str = "", reason: str = ""):
         self.operation = operation
@@ -41,11 +52,11 @@ class PyvfioError(OSError):
         where = f" on {self.target}" if self.target else ""
         return f"{self.operation}{where}: {self.reason} [{self.errno_name}]"
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (type(self), self.errno, self.operation, self.target, self.reason))
 
 
-def _rebuild(cls, err, operation, target, reason):
+def _rebuild(cls: type[PyvfioError], err: int | None, operation: str, target: str, reason: str) -> PyvfioError:
     return cls(err, operation, target, reason)
 
 
@@ -119,11 +130,12 @@ class LiveUpdateNotEnabled(LiveUpdateError, FileNotFoundError):
 class LiveUpdateBusy(LiveUpdateError):
     """/dev/liveupdate is single-open and another open file holds it (``holders`` lists pids)."""
 
-    def __init__(self, err, operation, target="", reason="", holders: tuple[int, ...] = ()):
+    def __init__(self, err: int | None, operation: str, target: str = "", reason: str = "",
+                 holders: Iterable[int] = ()):
         self.holders = tuple(holders)
         super().__init__(err, operation, target, reason)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (type(self), self.errno, self.operation, self.target, self.reason),
                 {"holders": self.holders})
 
@@ -308,6 +320,9 @@ class RegisterTimeout(VfioError, TimeoutError):
     """A polled device register did not reach the wanted value before the deadline."""
 
     default_reason = "the register did not reach the wanted value in time"
+    #: the last value read and how many reads the poll made
+    last: int | None = None
+    reads: int = 0
 
 
 class UnsafeOperation(VfioError, ValueError):
@@ -336,7 +351,7 @@ def check_bytes(value: object, what: str, operation: str, target: str = "") -> b
     return value
 
 
-def check_sequence(value: object, what: str, operation: str, target: str = "") -> list | tuple:
+def check_sequence(value: Any, what: str, operation: str, target: str = "") -> list[Any] | tuple[Any, ...]:
     """``value`` as a list or tuple (any other iterable is listed); BadArgumentType otherwise."""
     if isinstance(value, (list, tuple)):
         return value
@@ -414,7 +429,7 @@ BY_OPERATION: dict[tuple[str, int], type[PyvfioError]] = {
 _DEVICE_FD_OPERATIONS = ("VFIO_DEVICE_", "read region", "write region", "mmap region")
 
 
-def error_for(err: int, operation: str, target: str = "", reason: str = "", **extra) -> PyvfioError:
+def error_for(err: int, operation: str, target: str = "", reason: str = "", **extra: Any) -> PyvfioError:
     """The exception for ``errno`` failing ``operation`` on ``target``."""
     cls = BY_OPERATION.get((operation, err)) or BY_ERRNO.get(err) or PyvfioError
     if err == _errno.EIO and operation.startswith(_DEVICE_FD_OPERATIONS):

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import os
 import warnings
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:  # typing's runtime objects cost import time; annotations need none of them
-    from typing import Protocol, Union
+    from typing import Protocol
+
+    from typing_extensions import Self  # typing.Self from 3.11; type checkers ship this stub
 
     class HasFileno(Protocol):
         def fileno(self) -> int: ...
 
-    FileLike = Union[int, HasFileno]
+    FileLike = int | HasFileno
 else:
     FileLike = HasFileno = object  # only used in (unevaluated) annotations
 
@@ -77,10 +80,10 @@ class OwnedFd:
         if fd >= 0 and self._owned:
             os.close(fd)
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:

@@ -34,14 +34,17 @@ import json
 import os
 import socket
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 from .errors import PermissionDenied, PyvfioError, check_text, error_for
 from .fd import OwnedFd
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
 if TYPE_CHECKING:  # luo loads the compiled module, which plain fd passing does not need
+    from collections.abc import Iterable
+    from typing import Any
+
     from .luo import Session
 
 MAX_FDS_PER_MESSAGE = 250  # the kernel's SCM_MAX_FD is 253
@@ -244,7 +247,7 @@ def session_key(name: str) -> str:
     return SESSION_PREFIX + check_text(name, "session name", "session key")
 
 
-def session_manifest(session: Session, extra: dict | None = None) -> dict:
+def session_manifest(session: Session, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """What travels with a session fd: its name, direction, the tokens preserved through this
     process (token -> what the file is), and ``extra``."""
     return {"session": session.name, "direction": session.direction,
@@ -256,7 +259,7 @@ def _expected(uid: int | None) -> int | None:
     return os.getuid() if uid == OWN_UID else uid
 
 
-def send_sessions(sock: socket.socket, sessions: Iterable[Session], manifest: dict | None = None, *,
+def send_sessions(sock: socket.socket, sessions: Iterable[Session], manifest: dict[str, Any] | None = None, *,
                   expected_uid: int | None = OWN_UID) -> PeerCredentials:
     """Send LUO sessions (their fds, one manifest entry each, ``manifest`` merged into every
     entry) to the peer of ``sock``.
@@ -283,13 +286,14 @@ def send_sessions(sock: socket.socket, sessions: Iterable[Session], manifest: di
     return cred
 
 
-def send_session(sock: socket.socket, session: Session, manifest: dict | None = None, *,
+def send_session(sock: socket.socket, session: Session, manifest: dict[str, Any] | None = None, *,
                  expected_uid: int | None = OWN_UID) -> PeerCredentials:
     """:func:`send_sessions` for one session; returns the receiver's credentials."""
     return send_sessions(sock, [session], manifest, expected_uid=expected_uid)
 
 
-def receive_sessions(sock: socket.socket, *, expected_uid: int | None = OWN_UID) -> list[tuple[Session, dict]]:
+def receive_sessions(sock: socket.socket, *,
+                     expected_uid: int | None = OWN_UID) -> list[tuple[Session, dict[str, Any]]]:
     """The sessions the peer sends, as ``(Session, manifest entry)`` pairs.
 
     The sender must run as ``expected_uid`` (default: this process's uid; None: anyone).
@@ -313,7 +317,7 @@ def receive_sessions(sock: socket.socket, *, expected_uid: int | None = OWN_UID)
         raise HandoffError(errno.EPROTO, "receive session", f"peer pid {cred.pid}",
                            f"expected a session hand-off, got op {msg.header.get('op')!r}")
     manifest = msg.header.get("manifest") or {}
-    out: list[tuple[Session, dict]] = []
+    out: list[tuple[Session, dict[str, Any]]] = []
     try:
         for key in list(msg.fds):
             entry = manifest.get(key, {})
@@ -341,7 +345,7 @@ def receive_sessions(sock: socket.socket, *, expected_uid: int | None = OWN_UID)
     return out
 
 
-def receive_session(sock: socket.socket, *, expected_uid: int | None = OWN_UID) -> tuple[Session, dict]:
+def receive_session(sock: socket.socket, *, expected_uid: int | None = OWN_UID) -> tuple[Session, dict[str, Any]]:
     """The one session the peer sends and its manifest entry (see :func:`receive_sessions`)."""
     got = receive_sessions(sock, expected_uid=expected_uid)
     if len(got) != 1:

@@ -22,11 +22,20 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
 
 from . import handoff
 from .errors import ArgumentOutOfRange, BadArgumentType, PyvfioError, check_text
 from .fd import FileLike, OwnedFd, fileno_of
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    import socket
+    from collections.abc import Iterable, Sequence
+    from typing import Any, TypeGuard
+
+    from .ledger import LedgerWriter
+    from .luo import Session
 
 
 class HolderError(PyvfioError):
@@ -53,7 +62,7 @@ def daemonize_and_hold(*files: FileLike) -> int:
             devnull = os.open(os.devnull, os.O_RDWR)
             for std in (0, 1, 2):
                 os.dup2(devnull, std)
-            _close_all_but(keep + [0, 1, 2])
+            _close_all_but([*keep, 0, 1, 2])
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             while True:
                 signal.pause()
@@ -65,7 +74,7 @@ def daemonize_and_hold(*files: FileLike) -> int:
         data = fh.read()
     daemon = int(data) if data else -1
     if writer is not None:
-        doc = _ledger_doc(writer, {s.name: {"files": s.records()} for s in files if hasattr(s, "records")},
+        doc = _ledger_doc(writer, {s.name: {"files": s.records()} for s in files if _has_records(s)},
                           daemon, "daemonize_and_hold")
         from . import ledger
 
@@ -90,7 +99,7 @@ def _own_liveupdate_fd() -> int | None:
     return None
 
 
-def open_ledger(borrowed_fd: int | None = None):
+def open_ledger(borrowed_fd: int | None = None) -> LedgerWriter | None:
     """A new :class:`~pyvfio_lu.ledger.LedgerWriter`, through ``borrowed_fd`` (an open
     /dev/liveupdate), this process's own /dev/liveupdate fd, or a fresh open; None when
     /dev/liveupdate cannot be had (the sessions are held all the same, just not described)."""
@@ -107,9 +116,14 @@ def open_ledger(borrowed_fd: int | None = None):
         return None
 
 
-def _ledger_for(files) -> object | None:
+def _has_records(file: object) -> TypeGuard[Session]:
+    """Is ``file`` a session (duck-typed: anything with ``records()``)?"""
+    return hasattr(file, "records")
+
+
+def _ledger_for(files: Iterable[FileLike]) -> LedgerWriter | None:
     """A ledger written with the records of the sessions among ``files`` (None if there are none)."""
-    sessions = [f for f in files if hasattr(f, "records") and getattr(f, "direction", "") == "outgoing"]
+    sessions = [f for f in files if _has_records(f) and getattr(f, "direction", "") == "outgoing"]
     if not sessions:
         return None
     writer = open_ledger()
@@ -125,7 +139,7 @@ def _ledger_for(files) -> object | None:
     return writer
 
 
-def _ledger_doc(writer, sessions: dict, pid: int, kind: str) -> dict:
+def _ledger_doc(writer: LedgerWriter, sessions: dict[str, Any], pid: int, kind: str) -> dict[str, Any]:
     from .ledger import session_document
 
     return session_document(sessions, {"pid": pid, "kind": kind, "ledger": writer.name})
@@ -195,7 +209,7 @@ class Holder:
             time.sleep(0.05)
         raise HolderError(errno.ETIMEDOUT, "spawn holder", path, f"no holder answered within {timeout} s")
 
-    def _request(self, header: dict[str, Any], fds: list[int] = ()) -> handoff.Message:
+    def _request(self, header: dict[str, Any], fds: Sequence[int] = ()) -> handoff.Message:
         try:
             sock = handoff.connect(self.path)
         except PyvfioError as exc:
@@ -214,18 +228,18 @@ class Holder:
                               reply.header.get("error", "request refused"))
         return reply
 
-    def hold(self, name: str, file: FileLike, manifest: dict | None = None) -> None:
+    def hold(self, name: str, file: FileLike, manifest: dict[str, Any] | None = None) -> None:
         """Give the holder its own reference to ``file`` under ``name``."""
         check_text(name, "name", "holder hold", self.path, max_len=1024)
         fileno_of(file)
         _check_manifest(manifest, self.path)
         self._request({"op": "hold", "names": [name], "manifest": {name: manifest or {}}}, [fileno_of(file)])
 
-    def hold_session(self, session, manifest: dict | None = None) -> None:
+    def hold_session(self, session: Session, manifest: dict[str, Any] | None = None) -> None:
         """Hand a LUO session to the holder and give up this process's fd for it."""
         self.hold_sessions([session], manifest)
 
-    def hold_sessions(self, sessions, manifest: dict | None = None) -> None:
+    def hold_sessions(self, sessions: Iterable[Session], manifest: dict[str, Any] | None = None) -> None:
         """Hand many LUO sessions over in one request; this process's fds for them are closed.
 
         Each is held under ``session:<name>`` with :func:`handoff.session_manifest` as its manifest.
@@ -250,7 +264,7 @@ class Holder:
         for s in sessions:
             os.close(s.detach())
 
-    def fetch_session(self, name: str):
+    def fetch_session(self, name: str) -> Session:
         """A :class:`~pyvfio_lu.luo.Session` for the session held as ``name`` (the holder
         keeps its own fd, so the session stays preserved when this one is closed)."""
         from .luo import Session
@@ -271,9 +285,10 @@ class Holder:
         with handoff.connect(self.path) as sock:
             return handoff.peer_credentials(sock).pid
 
-    def list(self) -> dict[str, dict]:
+    def list(self) -> dict[str, dict[str, Any]]:
         """name -> manifest of everything held."""
-        return self._request({"op": "list"}).header.get("manifest", {})
+        manifest: dict[str, dict[str, Any]] = self._request({"op": "list"}).header.get("manifest", {})
+        return manifest
 
     def fetch(self, name: str) -> OwnedFd:
         """A new fd for what the holder keeps under ``name`` (it keeps its own)."""
@@ -318,14 +333,14 @@ class _Ledger:
 
     def __init__(self, socket_path: str):
         self.socket_path = socket_path
-        self.writer = None
+        self.writer: LedgerWriter | None = None
         self._fragments: dict[str, str] = {}  # held key -> '"session name":{...}'
 
     def ensure(self, borrowed_fd: int | None = None) -> None:
         if self.writer is None:
             self.writer = open_ledger(borrowed_fd)
 
-    def update(self, manifest: dict[str, dict]) -> bool:
+    def update(self, manifest: dict[str, dict[str, Any]]) -> bool:
         """Rewrite the ledger from the holder's manifest; False when there is no ledger.
 
         Each session's JSON is made once, when it arrives (a held entry never changes), so a
@@ -365,7 +380,7 @@ class _HolderState:
 
     def __init__(self, path: str):
         self.held: dict[str, OwnedFd] = {}
-        self.manifest: dict[str, dict] = {}
+        self.manifest: dict[str, dict[str, Any]] = {}
         self.book = _Ledger(path)
 
     def hold(self, msg: handoff.Message) -> dict[str, Any]:
@@ -395,13 +410,13 @@ class _HolderState:
         msg.fds.clear()
         return {"ok": True, "ledger": self.book.update(self.manifest)}
 
-    def fetch(self, targets: list) -> tuple[dict[str, Any], list[int]]:
+    def fetch(self, targets: list[Any]) -> tuple[dict[str, Any], list[int]]:
         missing = [n for n in targets if n not in self.held]
         if missing:
             return {"ok": False, "error": f"not held: {', '.join(map(str, missing[:20]))}"}, []
         return {"ok": True, "names": targets}, [self.held[n].fileno() for n in targets]
 
-    def release(self, targets: list) -> dict[str, Any]:
+    def release(self, targets: list[Any]) -> dict[str, Any]:
         for n in targets:
             if n in self.held:
                 self.held.pop(n).close()
@@ -490,14 +505,14 @@ def serve(path: str, expected_uid: int | None, request_timeout: float = REQUEST_
                     return
                 else:
                     reply = {"ok": False, "error": f"unknown op {op!r}"}
-            except Exception as exc:  # noqa: BLE001 - a bad request must never end the daemon
+            except Exception as exc:  # logged, not raised: a bad request must never end the daemon
                 log.exception("request failed")
                 reply = {"ok": False, "error": f"request failed in the holder: {type(exc).__name__}: {exc}"}
             msg.close()  # fds the request brought and the holder did not keep
             _reply(conn, reply, out_fds)
 
 
-def _reply(conn, reply: dict[str, Any], fds: list[int] = ()) -> None:
+def _reply(conn: socket.socket, reply: dict[str, Any], fds: Sequence[int] = ()) -> None:
     try:
         handoff.send_message(conn, reply, fds)
     except OSError:
@@ -511,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", required=True, help="Unix socket path to listen on (created mode 0600)")
     parser.add_argument("--uid", type=int, default=os.getuid(), help="only this uid may talk to the holder (default: own uid)")
     parser.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT, metavar="S",
-                        help=f"drop a client that has not sent its whole request within S seconds (default {REQUEST_TIMEOUT:.0f})")
+                        help="drop a client that has not sent its whole request within S seconds "
+                             f"(default {REQUEST_TIMEOUT:.0f})")
     parser.add_argument("--detach", action="store_true",
                         help="fork into the background (new session) and return at once")
     args = parser.parse_args(argv)

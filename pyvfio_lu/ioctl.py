@@ -13,13 +13,15 @@ import enum
 import errno
 import os
 from collections import namedtuple
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
-
-if TYPE_CHECKING:
-    from typing import Any
 
 from ._cffi import ffi, lib
 from .errors import ArgumentOutOfRange, BadArgumentType, PyvfioError, WrongFdKind, error_for
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, NamedTuple
 
 
 class FdKind(enum.Enum):
@@ -38,7 +40,17 @@ class Arg(enum.Enum):
     STRING = "pointer to a NUL-terminated string"
 
 
-class Request(namedtuple("Request", "name number arg size_field")):
+if TYPE_CHECKING:
+    class _RequestFields(NamedTuple):
+        name: str
+        number: int
+        arg: str | Arg
+        size_field: str | None
+else:
+    _RequestFields = namedtuple("Request", "name number arg size_field")
+
+
+class Request(_RequestFields):
     """One ioctl: its kernel name, number (from the C compiler), argument (a struct name
     without ``struct``, or an :class:`Arg`) and the struct's size field (``size``/``argsz``)."""
 
@@ -129,10 +141,13 @@ def request(kind: FdKind, name: str) -> Request:
         ) from None
 
 
-_PREPARED: dict = {}  # name -> (kind, Request, ctype, size, template); filled on first use
+if TYPE_CHECKING:  # kind, Request, ctype, size, template
+    _Prepared = tuple[FdKind, Request, Any, int, Any]
+
+_PREPARED: dict[str, _Prepared] = {}  # name -> (kind, Request, ctype, size, template); filled on first use
 
 
-def _prepare(kind: FdKind, name: str) -> tuple:
+def _prepare(kind: FdKind, name: str) -> _Prepared:
     """Resolve ``name`` on ``kind`` once: the cffi pointer type, struct size and a template
     struct with its size field set (``ffi.new(ctype, template)`` copies it)."""
     req = request(kind, name)
@@ -142,6 +157,7 @@ def _prepare(kind: FdKind, name: str) -> tuple:
         ctype = ffi.typeof(f"struct {req.arg} *")
         size = ffi.sizeof(ctype.item)
         t = ffi.new(ctype)
+        assert req.size_field is not None  # a struct request has one
         setattr(t, req.size_field, size)
         try:
             template = t[0]
@@ -161,15 +177,13 @@ def new_arg(req: Request, extra: int = 0, size: int | None = None) -> Any:
     """
     ctype = f"struct {req.arg} *"
     base = ffi.sizeof(ctype[:-2])
-    if extra:
-        arg = ffi.from_buffer(ctype, bytearray(base + extra))
-    else:
-        arg = ffi.new(ctype)
+    arg = ffi.from_buffer(ctype, bytearray(base + extra)) if extra else ffi.new(ctype)
+    assert req.size_field is not None  # ffi.sizeof above failed for a request without a struct
     setattr(arg, req.size_field, base + extra if size is None else size)
     return arg
 
 
-def call(kind: FdKind, fd: int, name: str, arg: Any = None, /, *, target: str = "", extra: int = 0,
+def call(kind: FdKind, fd: int, name: str, arg: Any = None, /, *, target: str | Callable[[], str] = "", extra: int = 0,
          tail: bytes = b"", arg_size: int | None = None, **fields: Any) -> Any:
     """Issue ``name`` on ``fd`` (an fd of ``kind``) and return the argument struct, or the
     kernel's return value for requests that take no struct.
@@ -217,6 +231,7 @@ def call(kind: FdKind, fd: int, name: str, arg: Any = None, /, *, target: str = 
             arg = ffi.new(ctype, template)
         else:
             arg = ffi.new(ctype)
+            assert req.size_field is not None  # ctype is set: a struct request
             setattr(arg, req.size_field, size)
         try:
             for field, value in fields.items():
@@ -258,7 +273,7 @@ def fd_kind(fd: int) -> tuple[FdKind | None, str]:
         return FdKind.VFIO_CONTAINER, link
     if link == "/dev/iommu":
         return FdKind.IOMMUFD, link
-    if link.startswith("/dev/vfio/devices/") or link.startswith("anon_inode:[vfio-device"):
+    if link.startswith(("/dev/vfio/devices/", "anon_inode:[vfio-device")):
         return FdKind.VFIO_DEVICE, link
     if link.startswith("/dev/vfio/"):
         return FdKind.VFIO_GROUP, link

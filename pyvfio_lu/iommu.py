@@ -23,10 +23,6 @@ import errno
 import mmap as _mmap
 import os
 from collections import namedtuple
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
-
-if TYPE_CHECKING:
-    from typing import Any
 
 from ._cffi import ffi, lib
 from .errors import (
@@ -45,6 +41,13 @@ from .errors import (
 from .fd import FileLike, OwnedFd, fileno_of
 from .ioctl import FdKind, call
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple, TypedDict
+
+    from typing_extensions import Buffer, Self  # typing.Self from 3.11, Buffer from 3.12; type checkers ship this stub
+
 MODES = ("iommufd", "vfio_type1_iommu", "vfio_type1v2_iommu", "iommufd_compat_type1", "iommufd_compat_type1v2")
 PAGE = _mmap.PAGESIZE
 U64_MAX = 2**64 - 1
@@ -52,7 +55,15 @@ _TYPE = {"vfio_type1_iommu": "VFIO_TYPE1_IOMMU", "vfio_type1v2_iommu": "VFIO_TYP
          "iommufd_compat_type1": "VFIO_TYPE1_IOMMU", "iommufd_compat_type1v2": "VFIO_TYPE1v2_IOMMU"}
 
 
-class IovaRange(namedtuple("IovaRange", "start last")):
+if TYPE_CHECKING:
+    class _IovaRangeFields(NamedTuple):
+        start: int
+        last: int
+else:
+    _IovaRangeFields = namedtuple("IovaRange", "start last")
+
+
+class IovaRange(_IovaRangeFields):
     """An allowed IOVA range; ``last`` is inclusive (as the kernel reports it)."""
 
     __slots__ = ()
@@ -90,7 +101,7 @@ class DmaBuffer:
             raise ValueError("DMA buffer is closed")
         return int(ffi.cast("uintptr_t", self._ptr))
 
-    def __buffer__(self, flags):  # Python 3.12+
+    def __buffer__(self, flags: int) -> memoryview:  # Python 3.12+
         return memoryview(ffi.buffer(self._ptr, self.size))
 
     def view(self) -> memoryview:
@@ -109,10 +120,10 @@ class DmaBuffer:
     def write(self, data: bytes, offset: int = 0) -> None:
         """Copy ``data`` (bytes-like) in at ``offset``; it must fit: ArgumentOutOfRange otherwise."""
         check_bytes(data, "data", "DmaBuffer.write")
-        data = memoryview(data).cast("B")
-        check_int(offset, "offset", 0, self.size - len(data), "DmaBuffer.write",
-                  f"{len(data)} bytes into a {self.size}-byte buffer")
-        self.view()[offset: offset + len(data)] = data
+        octets = memoryview(data).cast("B")
+        check_int(offset, "offset", 0, self.size - len(octets), "DmaBuffer.write",
+                  f"{len(octets)} bytes into a {self.size}-byte buffer")
+        self.view()[offset: offset + len(octets)] = octets
 
     def close(self) -> None:
         if self._ptr is None:
@@ -123,14 +134,14 @@ class DmaBuffer:
         lib.pvl_munmap(self._ptr, self.size)
         self._ptr = None
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-class _Pins(dict):
+class _Pins(dict[int, int]):
     """A counted set: ``add`` one more mapping by an owner, ``discard`` one less; an owner is
     present while any of its mappings is (a buffer mapped in many pieces stays pinned until
     the last piece is unmapped)."""
@@ -227,6 +238,12 @@ def _address_of(buffer: Any) -> tuple[int, int, Any]:
     return int(ffi.cast("uintptr_t", ptr)), len(ptr), ptr
 
 
+if TYPE_CHECKING:
+    class _Type1Info(TypedDict):
+        iova_pgsizes: int
+        iova_ranges: list[IovaRange]
+
+
 class Iommu:
     """An IOMMU context devices attach to, in one of :data:`MODES`.
 
@@ -249,7 +266,7 @@ class Iommu:
             else:
                 self.fd = OwnedFd(iommufd, "/dev/iommu (caller's)", owned=bool(owned))
             self._owns_ioas = ioas_id is None or bool(owned)
-            self.ioas_id = ioas_id if ioas_id is not None else self._ioas_alloc()
+            self.ioas_id: int | None = ioas_id if ioas_id is not None else self._ioas_alloc()
             self.kind = FdKind.IOMMUFD
         else:
             path = "/dev/vfio/vfio" if mode.startswith("vfio_") else "/dev/iommu"
@@ -275,7 +292,8 @@ class Iommu:
 
     # --- iommufd objects -----------------------------------------------------------------
     def _ioas_alloc(self) -> int:
-        return call(FdKind.IOMMUFD, self.fd.fileno(), "IOMMU_IOAS_ALLOC", target="/dev/iommu").out_ioas_id
+        ioas_id: int = call(FdKind.IOMMUFD, self.fd.fileno(), "IOMMU_IOAS_ALLOC", target="/dev/iommu").out_ioas_id
+        return ioas_id
 
     def ioas_alloc(self) -> int:
         """A new IOAS in this iommufd (caller destroys it with :meth:`destroy`)."""
@@ -321,7 +339,7 @@ class Iommu:
         info = self._type1_info()
         return info["iova_ranges"]
 
-    def _type1_info(self) -> dict:
+    def _type1_info(self) -> _Type1Info:
         arg = call(self.kind, self.fileno(), "VFIO_IOMMU_GET_INFO", target=self.target)
         if arg.flags & lib.VFIO_IOMMU_INFO_CAPS and arg.argsz > ffi.sizeof("struct vfio_iommu_type1_info"):
             extra = arg.argsz - ffi.sizeof("struct vfio_iommu_type1_info")
@@ -340,8 +358,8 @@ class Iommu:
         return self.allocator
 
     # --- map / unmap -----------------------------------------------------------------------
-    def map(self, buffer: Any, iova: int | None = None, *, size: int | None = None, readable: bool = True,
-            writeable: bool = True, unsafe_address: bool = False) -> Mapping:
+    def map(self, buffer: DmaBuffer | Buffer | int, iova: int | None = None, *, size: int | None = None,
+            readable: bool = True, writeable: bool = True, unsafe_address: bool = False) -> Mapping:
         """DMA-map ``buffer`` (a DmaBuffer, mmap, bytearray, or any writable contiguous
         buffer; or a raw address with ``unsafe_address=True``) at ``iova`` (allocated when
         None). The buffer is kept alive until it is unmapped. UNSAFE: see the module doc."""
@@ -423,11 +441,13 @@ class Iommu:
         if self.is_iommufd:
             flags = lib.IOMMU_IOAS_MAP_FIXED_IOVA | (lib.IOMMU_IOAS_MAP_READABLE if readable else 0) \
                 | (lib.IOMMU_IOAS_MAP_WRITEABLE if writeable else 0)
-            done = lib.pvl_ioas_map_many(self.fileno(), self.ioas_id, flags, n, base, *arrays, err)
+            ioas = self.ioas_id
+            assert ioas is not None  # iommufd mode always has one
+            done = lib.pvl_ioas_map_many(self.fileno(), ioas, flags, n, base, arrays[0], arrays[1], arrays[2], err)
             operation = "IOMMU_IOAS_MAP"
         else:
             flags = (lib.VFIO_DMA_MAP_FLAG_READ if readable else 0) | (lib.VFIO_DMA_MAP_FLAG_WRITE if writeable else 0)
-            done = lib.pvl_type1_map_many(self.fileno(), flags, n, base, *arrays, err)
+            done = lib.pvl_type1_map_many(self.fileno(), flags, n, base, arrays[0], arrays[1], arrays[2], err)
             operation = "VFIO_IOMMU_MAP_DMA"
         made = [Mapping(i, s, base + o, keep) for o, i, s in zip(offsets[:done], iovas[:done], sizes[:done])]
         self.mappings.update(zip(iovas[:done], made))
@@ -464,7 +484,9 @@ class Iommu:
         out = ffi.new("uint64_t[]", n or 1)
         err = ffi.new("int *")
         if self.is_iommufd:
-            done = lib.pvl_ioas_unmap_many(self.fileno(), self.ioas_id, n, iovas, sizes, out, err)
+            ioas = self.ioas_id
+            assert ioas is not None  # iommufd mode always has one
+            done = lib.pvl_ioas_unmap_many(self.fileno(), ioas, n, iovas, sizes, out, err)
             operation = "IOMMU_IOAS_UNMAP"
         else:
             done = lib.pvl_type1_unmap_many(self.fileno(), n, iovas, sizes, out, err)
@@ -527,6 +549,7 @@ class Iommu:
         def target() -> str:
             return f"{self.target} iova {iova:#x} size {size:#x}"
 
+        done: int
         if self.is_iommufd:
             done = call(FdKind.IOMMUFD, self.fileno(), "IOMMU_IOAS_UNMAP", ioas_id=self.ioas_id, iova=iova,
                         length=size, target=target).length
@@ -597,6 +620,7 @@ class Iommu:
 
     def unmap_all(self) -> int:
         """Unmap everything; returns the bytes unmapped."""
+        done: int
         if self.is_iommufd:
             try:
                 done = call(FdKind.IOMMUFD, self.fileno(), "IOMMU_IOAS_UNMAP", ioas_id=self.ioas_id, iova=0,
@@ -649,10 +673,10 @@ class Iommu:
         finally:
             self.fd.close()
 
-    def __enter__(self) -> "Iommu":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

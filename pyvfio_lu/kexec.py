@@ -94,15 +94,16 @@ def cmdline_with(cmdline: str, **params: str) -> str:
         raise BadArgumentType(22, "kernel command line", repr(cmdline)[:60],
                               f"a command line is a str, not {type(cmdline).__name__}")
     words = cmdline.split()
-    for key, value in params.items():
+    for arg, value in params.items():
         if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise BadArgumentType(22, "kernel command line", key, f"the value of {key} is a str or int, not {type(value).__name__}")
-        value = str(value)
-        if any(c.isspace() or c in "\"'\0" for c in value):
-            raise ArgumentOutOfRange(22, "kernel command line", key,
-                                     f"the value {value!r} of {key} has whitespace, a quote or a NUL")
-        key = key.replace("__", ".")
-        words = [w for w in words if w.split("=", 1)[0] != key] + [f"{key}={value}"]
+            raise BadArgumentType(22, "kernel command line", arg,
+                                  f"the value of {arg} is a str or int, not {type(value).__name__}")
+        text = str(value)
+        if any(c.isspace() or c in "\"'\0" for c in text):
+            raise ArgumentOutOfRange(22, "kernel command line", arg,
+                                     f"the value {text!r} of {arg} has whitespace, a quote or a NUL")
+        key = arg.replace("__", ".")
+        words = [w for w in words if w.split("=", 1)[0] != key] + [f"{key}={text}"]
     return " ".join(words)
 
 

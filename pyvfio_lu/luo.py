@@ -25,10 +25,6 @@ from __future__ import annotations
 import errno
 import os
 import warnings
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
-
-if TYPE_CHECKING:
-    from typing import Any, Iterator
 
 from . import procfs
 from ._cffi import ffi, lib
@@ -51,6 +47,14 @@ from .errors import (
 )
 from .fd import FileLike, OwnedFd, fileno_of
 from .ioctl import FdKind, call, fd_kind
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import Any
+
+    from typing_extensions import Self  # typing.Self from 3.11; type checkers ship this stub
 
 DEVICE_PATH = "/dev/liveupdate"
 NAME_MAX = 63  # LIVEUPDATE_SESSION_NAME_LENGTH - 1
@@ -129,7 +133,7 @@ class LiveUpdate:
 
             logging.getLogger(__name__).warning("could not read the live-update ledger: %s", exc)
 
-    def _open_error(self, exc: OSError):
+    def _open_error(self, exc: OSError) -> PyvfioError:
         err = exc.errno or 0
         if err == errno.EBUSY:
             held = procfs.liveupdate_holders()
@@ -140,7 +144,7 @@ class LiveUpdate:
         return error_for(err, "open /dev/liveupdate", self.path)
 
     @classmethod
-    def from_fd(cls, fd: int, owned: bool = True) -> "LiveUpdate":
+    def from_fd(cls, fd: int, owned: bool = True) -> LiveUpdate:
         """Wrap an already-open ``/dev/liveupdate`` fd (closed on close() only if ``owned``)."""
         self = cls.__new__(cls)
         self.path = DEVICE_PATH
@@ -150,14 +154,14 @@ class LiveUpdate:
     def fileno(self) -> int:
         return self._fd.fileno()
 
-    def create_session(self, name: str | bytes) -> "Session":
+    def create_session(self, name: str | bytes) -> Session:
         """A new outgoing session. SessionExists if an outgoing session has this name."""
         raw = encode_name(name)
         arg = call(FdKind.LUO_DEVICE, self.fileno(), "LIVEUPDATE_IOCTL_CREATE_SESSION",
                    target=f"{self.path} (session {raw.decode(errors='replace')!r})", name=raw)
         return Session(arg.fd, raw.decode(errors="surrogateescape"), OUTGOING)
 
-    def retrieve_session(self, name: str | bytes) -> "Session":
+    def retrieve_session(self, name: str | bytes) -> Session:
         """An incoming session handed over by the previous kernel.
 
         NoSuchSession when there is none by that name (a cold boot, an unknown name, or
@@ -175,10 +179,10 @@ class LiveUpdate:
     def closed(self) -> bool:
         return self._fd.closed
 
-    def __enter__(self) -> "LiveUpdate":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -200,12 +204,12 @@ class Session:
         self.name = name
         self.direction = direction
         self._preserved: dict[int, str] = {}  # token -> what the file is (outgoing only)
-        self._records: dict[int, dict] = {}  # token -> ledger record (kind, bdf, memfd name/size)
+        self._records: dict[int, dict[str, Any]] = {}  # token -> ledger record (kind, bdf, memfd name/size)
         self._retrieved: set[int] = set()
 
     # --- construction from an fd ----------------------------------------------------------
     @classmethod
-    def from_fd(cls, fd: int, owned: bool = True) -> "Session":
+    def from_fd(cls, fd: int, owned: bool = True) -> Session:
         """Wrap a session fd (e.g. received from a holder); name and direction are asked
         from the kernel (GET_NAME, and a PRESERVE_FD of fd -1, which changes nothing)."""
         kind, link = fd_kind(fd)
@@ -347,15 +351,15 @@ class Session:
 
             note_local(rec.get("bdf"), self.name, token)
 
-    def records(self) -> dict[str, dict]:
+    def records(self) -> dict[str, dict[str, Any]]:
         """What each token preserved through this object is, for the ledger: token (hex) ->
         {"kind": "memfd" | "vfio-device" | "file", ...}; a memfd's record lists the IOVAs
         it is mapped at through this process's :class:`~pyvfio_lu.iommu.Iommu` objects."""
         from .iommu import file_mappings
 
         out = {}
-        for token, rec in self._records.items():
-            rec = dict(rec)
+        for token, kept in self._records.items():
+            rec = dict(kept)
             inode = rec.pop("inode", None)
             if inode is not None:
                 rec["iovas"] = file_mappings(tuple(inode))
@@ -418,10 +422,10 @@ class Session:
         self._forget_devices()
         self._fd.close()
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:
@@ -446,9 +450,10 @@ class Session:
         return f"<Session {self.name!r} {self.direction} {state}{extra}>"
 
 
-def get_name(fd: int, target: str = "") -> str:
+def get_name(fd: int, target: str | Callable[[], str] = "") -> str:
     arg = call(FdKind.LUO_SESSION, fd, "LIVEUPDATE_SESSION_GET_NAME", target=target or (lambda: f"session fd {fd}"))
-    return ffi.string(ffi.cast("char *", arg.name), 64).decode(errors="surrogateescape")
+    name: bytes = ffi.string(ffi.cast("char *", arg.name), 64)
+    return name.decode(errors="surrogateescape")
 
 
 def _describe(fd: int) -> str:

@@ -27,6 +27,11 @@ from .fd import OwnedFd
 
 OFF_MAX = 2**63 - 1  # off_t
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from typing import Any
+
 SEALS = {
     "seal": fcntl.F_SEAL_SEAL,
     "shrink": fcntl.F_SEAL_SHRINK,
@@ -47,7 +52,7 @@ class MemfdState:
     seals: int
     sha256: str
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"size": self.size, "position": self.position, "seals": self.seals, "sha256": self.sha256}
 
 
@@ -57,8 +62,8 @@ class Memfd(OwnedFd):
     __slots__ = ()
 
     @classmethod
-    def create(cls, name: str = "pyvfio-lu", data: bytes = b"", size: int | None = None,
-               sealing: bool = True) -> "Memfd":
+    def create(cls, name: str = "pyvfio-lu", data: bytes | bytearray | memoryview = b"", size: int | None = None,
+               sealing: bool = True) -> Memfd:
         """A new memfd (``MFD_CLOEXEC``, ``MFD_ALLOW_SEALING``) holding ``data``, ``size`` bytes long.
 
         Wrong types and sizes are BadArgumentType / ArgumentOutOfRange, before anything is created."""
@@ -91,7 +96,7 @@ class Memfd(OwnedFd):
             raise
         return self
 
-    def ledger_record(self) -> dict:
+    def ledger_record(self) -> dict[str, Any]:
         """What the live-update ledger says of this memfd: its name, size and inode (the
         IOVAs it is mapped at are looked up by inode when the ledger is written)."""
         st = os.fstat(self.fileno())
@@ -103,13 +108,13 @@ class Memfd(OwnedFd):
         return {"kind": "memfd", "name": name, "size": st.st_size, "inode": [st.st_dev, st.st_ino]}
 
     @classmethod
-    def adopt(cls, owned: OwnedFd) -> "Memfd":
+    def adopt(cls, owned: OwnedFd) -> Memfd:
         """Take over the fd of an OwnedFd (e.g. from ``Session.retrieve``)."""
         what = owned.what
         return cls(owned.detach(), what)
 
     # --- contents ------------------------------------------------------------------------
-    def pwrite_all(self, data: bytes, offset: int) -> None:
+    def pwrite_all(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         """Write all of ``data`` (bytes-like) at ``offset``."""
         check_bytes(data, "data", "write", self.what)
         check_int(offset, "offset", 0, OFF_MAX, "write", self.what)
@@ -181,7 +186,7 @@ class Memfd(OwnedFd):
     def state(self) -> MemfdState:
         return MemfdState(self.size, self.position, self.seals, hashlib.sha256(self.read_all()).hexdigest())
 
-    def verify(self, expected: MemfdState | dict | bytes) -> None:
+    def verify(self, expected: MemfdState | dict[str, Any] | bytes | bytearray | memoryview) -> None:
         """ContentMismatch unless this memfd matches ``expected`` (a state, its JSON, or bytes)."""
         if isinstance(expected, (bytes, bytearray, memoryview)):
             got = self.read_all()

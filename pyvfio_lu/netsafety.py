@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import PyvfioError
-from .sysfs import PciDevice
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from typing_extensions import Self  # typing.Self from 3.11; type checkers ship this stub
+
+    from .sysfs import PciDevice
 
 IFF_UP = 0x1
 RT_TABLE_MAIN = 254
@@ -31,7 +36,8 @@ RTN_UNICAST = 1
 class InterfaceInUse(PyvfioError):
     """The device backs a network interface that is up, addressed or routed."""
 
-    def __init__(self, err, operation, target="", reason="", usage: list[InterfaceUsage] = ()):
+    def __init__(self, err: int | None, operation: str, target: str = "", reason: str = "",
+                 usage: Iterable[InterfaceUsage] = ()):
         self.usage = list(usage)
         super().__init__(err, operation, target, reason)
 
@@ -79,8 +85,9 @@ class Route:
         return self.table != RT_TABLE_LOCAL and self.type == RTN_UNICAST
 
     def __str__(self) -> str:
-        where = "default" if not self.dst or (self.dst_len == 0 and self.dst in ("0.0.0.0", "::")) \
-            else f"{self.dst}/{self.dst_len}"
+        # S104: 0.0.0.0 here is a route's destination, not an address anything binds to
+        where = ("default" if not self.dst or (self.dst_len == 0 and self.dst in ("0.0.0.0", "::"))  # noqa: S104
+                 else f"{self.dst}/{self.dst_len}")
         text = where + (f" via {self.gateway}" if self.gateway else "")
         if self.table not in (RT_TABLE_MAIN, RT_TABLE_LOCAL):
             text += f" table {self.table}"
@@ -117,7 +124,7 @@ class InterfaceUsage:
             parts.append("routes " + ", ".join(self.routes))
         return f"{self.name}: " + ("; ".join(parts) if parts else "idle")
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "up": self.up, "addresses": self.addresses, "routes": self.routes,
                 "active": self.active}
 
@@ -156,7 +163,7 @@ def check_interfaces(bdf: str, ifnames: Iterable[str], netlink: Netlink, force: 
 class Pyroute2Netlink:
     """:class:`Netlink` over one pyroute2 ``IPRoute`` socket (closed by :meth:`close`)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         from pyroute2 import IPRoute  # deferred: pyroute2 is heavy and only needed here
 
         self._ipr = IPRoute()
@@ -183,10 +190,10 @@ class Pyroute2Netlink:
     def close(self) -> None:
         self._ipr.close()
 
-    def __enter__(self) -> Pyroute2Netlink:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

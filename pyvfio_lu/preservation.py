@@ -27,7 +27,7 @@ from .fd import fileno_of
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, NamedTuple
 
     from .errors import PyvfioError
 
@@ -36,9 +36,18 @@ KALLSYMS_MARK = "vfio_pci_liveupdate"
 HOW_TO_GET = ("build the vfio-lu kernel flavour from the PCI and VFIO live-update patch series: "
               "python -m pyvfio_lu.vm.kernel --flavour vfio-lu --patches DIR")
 
-Support = namedtuple("Support", "supported source detail")
-Support.__doc__ = ("Whether the running kernel can preserve VFIO device files: ``supported`` True, "
-                   "False or None (unknown), ``source`` where that came from, ``detail`` in words.")
+if TYPE_CHECKING:  # the same record, typed (a typing.NamedTuple costs typing's import at run time)
+    class Support(NamedTuple):
+        """Whether the running kernel can preserve VFIO device files: ``supported`` True,
+        False or None (unknown), ``source`` where that came from, ``detail`` in words."""
+
+        supported: bool | None
+        source: str
+        detail: str
+else:
+    Support = namedtuple("Support", "supported source detail")
+    Support.__doc__ = ("Whether the running kernel can preserve VFIO device files: ``supported`` True, "
+                       "False or None (unknown), ``source`` where that came from, ``detail`` in words.")
 
 _cached: Support | None = None
 

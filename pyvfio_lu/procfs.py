@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import os
 from collections import namedtuple
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:
-    from typing import Callable, Iterator
+    from collections.abc import Callable, Iterator
+    from typing import NamedTuple
 
 LUO_SESSION_PREFIX = "anon_inode:[luo_session]"
 
 
-FdHolder = namedtuple("FdHolder", "pid fd link comm")
-FdHolder.__doc__ = "One open fd of one process: pid, fd number, its /proc link text, the process name."
+if TYPE_CHECKING:  # the same record, typed (a typing.NamedTuple costs typing's import at run time)
+    class FdHolder(NamedTuple):
+        """One open fd of one process: pid, fd number, its /proc link text, the process name."""
+
+        pid: int
+        fd: int
+        link: str
+        comm: str
+else:
+    FdHolder = namedtuple("FdHolder", "pid fd link comm")
+    FdHolder.__doc__ = "One open fd of one process: pid, fd number, its /proc link text, the process name."
 
 
 def _comm(pid: int, proc: str = "/proc") -> str:

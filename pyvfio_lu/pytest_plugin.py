@@ -37,9 +37,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from collections.abc import Generator, Iterator
+
+    from .luo import LiveUpdate, Session
 
 STAGE_ENV = "PYVFIO_LU_GUEST_STAGE"
 RESULTS_ENV = "PYVFIO_LU_RESULTS"
@@ -53,15 +58,15 @@ def stage() -> int | None:
     return int(value) if value in ("1", "2") else None
 
 
-class Carry(dict):
+class Carry(dict[str, Any]):
     """JSON data a live-update test hands from its before_kexec part to its after_kexec part."""
 
-    def __init__(self, key: str, data: dict, holder_socket: str | None):
+    def __init__(self, key: str, data: dict[str, Any], holder_socket: str | None):
         super().__init__(data)
         self.key = key
         self._holder_socket = holder_socket
 
-    def hold(self, *sessions, **manifest: Any) -> None:
+    def hold(self, *sessions: Session, **manifest: Any) -> None:
         """Keep ``sessions`` preserved across the kexec (handed to the holder daemon)."""
         if self._holder_socket is None:
             raise RuntimeError("carry.hold() is only available before the kexec")
@@ -80,9 +85,9 @@ class _GuestState:
     def __init__(self, n: int, results_dir: str | None):
         self.stage = n
         self.results_dir = results_dir
-        self.carried: dict[str, dict] = {}  # key -> data from stage 1
+        self.carried: dict[str, dict[str, Any]] = {}  # key -> data from stage 1
         self.passed_before: set[str] = set()
-        self.results: dict[str, dict] = {}
+        self.results: dict[str, dict[str, Any]] = {}
         self.holder_socket: str | None = None
         self.started = time.time()
 
@@ -122,7 +127,7 @@ def _check_cold_boot() -> None:
         f"{STAGE_ENV}=1 but LUO has an incoming {STATE_SESSION!r} session: this boot came from a live update")
 
 
-def _load_state() -> tuple[dict[str, dict], set[str]]:
+def _load_state() -> tuple[dict[str, dict[str, Any]], set[str]]:
     from .errors import NoSuchSession
     from .luo import LiveUpdate
     from .memfd import Memfd
@@ -142,6 +147,8 @@ def _load_state() -> tuple[dict[str, dict], set[str]]:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if _state is None:
         return
+    keep: list[pytest.Item]
+    drop: list[pytest.Item]
     keep, drop = [], []
     for item in items:
         after = item.get_closest_marker("after_kexec") is not None
@@ -163,12 +170,17 @@ def carry(request: pytest.FixtureRequest) -> Carry:
         return Carry(key, _state.carried.get(key, {}), None)
     data = _state.carried.setdefault(key, {})
     c = Carry(key, data, _state.holder_socket)
-    request.addfinalizer(lambda: _state.carried.__setitem__(key, dict(c)))
+
+    def save() -> None:
+        assert _state is not None  # the fixture ran because it is set
+        _state.carried[key] = dict(c)
+
+    request.addfinalizer(save)
     return c
 
 
 @pytest.fixture
-def luo():
+def luo() -> Iterator[LiveUpdate]:
     """``/dev/liveupdate`` opened for this test and closed after it."""
     from .luo import DEVICE_PATH, LiveUpdate
 
@@ -179,7 +191,7 @@ def luo():
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call):
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     outcome = yield
     if _state is None:
         return
@@ -196,7 +208,7 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         _state.passed_before.add(_key(item))
 
 
-def _skip_reason(rep) -> str:
+def _skip_reason(rep: pytest.TestReport) -> str:
     longrepr = rep.longrepr
     if isinstance(longrepr, tuple) and len(longrepr) == 3:
         return str(longrepr[2])
@@ -220,6 +232,7 @@ def _save_state() -> None:
     from .luo import LiveUpdate
     from .memfd import Memfd
 
+    assert _state is not None and _state.holder_socket is not None  # stage 1 (pytest_sessionfinish)
     doc = json.dumps({"carry": _state.carried, "passed_before": sorted(_state.passed_before)}).encode()
     with LiveUpdate() as lu:
         s = lu.create_session(STATE_SESSION)

@@ -15,6 +15,11 @@ import socket
 from .errors import PyvfioError
 from .fd import FileLike, fileno_of
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
 _NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,255}$")  # printable ASCII, no ':' (sd_notify(3))
 
 
@@ -30,7 +35,7 @@ def _address(notify_socket: str) -> str | bytes:
     raise NotifyError(errno.EINVAL, "sd_notify", notify_socket, "NOTIFY_SOCKET must be a path or start with '@'")
 
 
-def notify(state: str, fds: list[int] = (), notify_socket: str | None = None) -> None:
+def notify(state: str, fds: Iterable[int] = (), notify_socket: str | None = None) -> None:
     """Send one ``sd_notify`` datagram ``state`` (``KEY=VALUE`` lines) with ``fds``."""
     target = notify_socket or os.environ.get("NOTIFY_SOCKET")
     if not target:

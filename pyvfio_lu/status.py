@@ -8,6 +8,11 @@ from dataclasses import asdict, dataclass, field
 
 from . import procfs
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from typing import Any
+
 LUO_SYSFS = "/sys/class/misc/liveupdate"
 DEBUGFS = "/sys/kernel/debug"
 KHO_IN_LUO = f"{DEBUGFS}/kho/in/sub_fdts/LUO"
@@ -21,14 +26,14 @@ class Status:
     boot_id: str
     kexec_loaded: bool
     cmdline: str
-    sessions: dict[str, list[dict]] = field(default_factory=dict)  # name -> [{pid, comm, fd}]
-    holders_of_device: list[dict] = field(default_factory=list)
-    device_preservation: dict = field(default_factory=dict)  # {"supported", "detail"}
+    sessions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # name -> [{pid, comm, fd}]
+    holders_of_device: list[dict[str, Any]] = field(default_factory=list)
+    device_preservation: dict[str, Any] = field(default_factory=dict)  # {"supported", "detail"}
     # after a live update: sessions the previous kernel's ledgers describe and nobody finished
-    incoming: dict[str, dict] = field(default_factory=dict)  # name -> {"files": {token: record}}
-    preserved_devices: list[dict] = field(default_factory=list)  # [{bdf, session, token, direction}]
+    incoming: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"files": {token: record}}
+    preserved_devices: list[dict[str, Any]] = field(default_factory=list)  # [{bdf, session, token, direction}]
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -54,7 +59,8 @@ def liveupdate_number(path: str = KHO_IN_LUO, kmsg: str = "/dev/kmsg") -> int | 
         with open(path, "rb") as fh:
             blob = fh.read(16)
         if len(blob) == 16 and blob.startswith(b"luo-"):
-            return struct.unpack_from("<Q", blob, 8)[0]
+            number: int = struct.unpack_from("<Q", blob, 8)[0]
+            return number
     except OSError:
         pass
     return _number_from_kmsg(kmsg)
@@ -109,7 +115,7 @@ def kstrtobool(text: str) -> bool | None:
     return None
 
 
-def preserved_devices() -> list[dict]:
+def preserved_devices() -> list[dict[str, Any]]:
     """Every VFIO device a live update holds, as the ledgers tell: ``outgoing`` (preserved in
     this boot, kept by a live holder, or by a session of this process) and ``incoming`` (came
     through the last live update, its session not finished yet)."""

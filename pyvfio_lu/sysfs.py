@@ -20,6 +20,11 @@ from collections import namedtuple
 
 from .errors import GroupNotViable, NotFound, PyvfioError, error_for
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple
+
 BDF_MAX_INPUT = 32  # longer input is rejected before any matching
 _BDF = re.compile(r"(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])")
 _DRIVER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}")
@@ -85,8 +90,15 @@ def _link_name(path: str) -> str | None:
         return None
 
 
-GroupMember = namedtuple("GroupMember", "bdf driver")
-GroupMember.__doc__ = "A device in an IOMMU group: its PCI address (or another bus's name) and driver (or None)."
+if TYPE_CHECKING:  # the same record, typed (a typing.NamedTuple costs typing's import at run time)
+    class GroupMember(NamedTuple):
+        """A device in an IOMMU group: its PCI address (or another bus's name) and driver (or None)."""
+
+        bdf: str
+        driver: str | None
+else:
+    GroupMember = namedtuple("GroupMember", "bdf driver")
+    GroupMember.__doc__ = "A device in an IOMMU group: its PCI address (or another bus's name) and driver (or None)."
 
 
 def list_devices(sysfs: str = "/sys") -> list[PciDevice]:
@@ -199,7 +211,7 @@ class PciDevice:
                 found.add(name)
         return sorted(found)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "bdf": self.bdf, "vendor": f"{self.vendor:04x}", "device": f"{self.device:04x}",
             "class": f"{self.pci_class:06x}", "class_name": self.class_name, "driver": self.driver,

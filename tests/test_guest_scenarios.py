@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-
 from test_guest import ROOT, RUNS
 
 CHECKS = [

@@ -142,13 +142,13 @@ class CommandHelpDirective(SphinxDirective):
 
     required_arguments = 1
     final_argument_whitespace = True
-    option_spec = {"prog": directives.unchanged}
+    option_spec = {"prog": directives.unchanged}  # noqa: RUF012 - Sphinx's own attribute, read as is
 
     def run(self) -> list[nodes.Node]:
         module, *args = self.arguments[0].split()
         env = dict(os.environ, COLUMNS=HELP_COLUMNS, PYTHONPATH=os.pathsep.join(sys.path))
         proc = subprocess.run([sys.executable, "-m", module, *args, "--help"], capture_output=True,
-                              text=True, env=env, cwd=ROOT, timeout=60)
+                              text=True, env=env, cwd=ROOT, timeout=60, check=False)
         if proc.returncode != 0:
             raise self.error(f"python -m {module} {' '.join(args)} --help exited {proc.returncode}:\n{proc.stderr}")
         prog = self.options.get("prog", f"python -m {module}")

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import errno
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
-
-if TYPE_CHECKING:
-    from typing import Any
 
 from .._cffi import ffi, lib
 from ..errors import ArgumentOutOfRange, InvalidArgument, RegisterTimeout, check_int, check_sequence
 from .records import RegionInfo, SparseArea
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 U64_MAX = 2**64 - 1
 
@@ -21,7 +23,7 @@ class Bar:
     """A PCI BAR region: exact-width MMIO through the mapping where the region is mappable
     (one volatile load or store of exactly 8/16/32/64 bits), ``pread``/``pwrite`` elsewhere."""
 
-    def __init__(self, device: "VfioDevice", info: RegionInfo, mmap: bool = True):
+    def __init__(self, device: VfioDevice, info: RegionInfo, mmap: bool = True):
         self.device = device
         self.info = info
         self.size = info.size
@@ -35,9 +37,9 @@ class Bar:
                 self.close()
                 raise
         self._ptr = self._maps[0][2] if len(self._maps) == 1 and self._maps[0][0] == 0 else None
-        if self._ptr is not None:  # per-instance fast paths, see _fast_read32
-            self.read32 = _fast_read32(self._ptr, self.size, self.read)
-            self.write32 = _fast_write32(self._ptr, self.size, self.write)
+        if self._ptr is not None:  # per-instance fast paths, see _fast_read32 (close() drops them)
+            self.__dict__["read32"] = _fast_read32(self._ptr, self.size, self.read)
+            self.__dict__["write32"] = _fast_write32(self._ptr, self.size, self.write)
 
     @property
     def mapped(self) -> bool:
@@ -55,7 +57,7 @@ class Bar:
             raise InvalidArgument(errno.EINVAL, f"BAR{self.info.index} access", self.device.name,
                                   f"offset {offset:#x} is not {width}-byte aligned")
 
-    def _ptr_for(self, offset: int, width: int):
+    def _ptr_for(self, offset: int, width: int) -> tuple[Any, int]:
         if self._ptr is not None:
             return self._ptr, offset
         for start, size, ptr in self._maps:
@@ -134,7 +136,8 @@ class Bar:
             return [self.read(int(o), width) for o in ffi.unpack(arr, n)]
         out = ffi.new("uint64_t[]", n or 1)
         lib.pvl_mmio_read_block(self._ptr, width, n, arr, out)
-        return ffi.unpack(out, n)
+        values: list[int] = ffi.unpack(out, n)
+        return values
 
     def write_block(self, offsets: Any, values: Any, width: int = 4) -> None:
         """Write ``values[i]`` to the register of ``width`` bytes at ``offsets[i]``, in order,
@@ -211,7 +214,7 @@ class Bar:
 
 
 
-def _fast_read32(ptr, size: int, slow):
+def _fast_read32(ptr: Any, size: int, slow: Callable[[int, int], int]) -> Callable[[int], int]:
     """Bar.read32 for a BAR mapped in one piece: the bounds live in closure cells, one cffi
     call; any other offset goes to the general path (which raises for a bad one)."""
     load, limit = lib.pvl_mmio_read32, size - 4
@@ -227,7 +230,7 @@ def _fast_read32(ptr, size: int, slow):
     return read32
 
 
-def _fast_write32(ptr, size: int, slow):
+def _fast_write32(ptr: Any, size: int, slow: Callable[[int, int, int], None]) -> Callable[[int, int], None]:
     store, limit = lib.pvl_mmio_write32, size - 4
 
     def write32(offset: int, value: int) -> None:
@@ -242,7 +245,7 @@ def _fast_write32(ptr, size: int, slow):
     return write32
 
 
-def _list_of(values: Any, what: str, operation: str, target: str) -> list | tuple:
+def _list_of(values: Any, what: str, operation: str, target: str) -> list[Any] | tuple[Any, ...]:
     return check_sequence(values, what, operation, target)
 
 

@@ -22,10 +22,6 @@ from __future__ import annotations
 import errno
 import os
 import time
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
-
-if TYPE_CHECKING:
-    from typing import Any
 
 from .._cffi import ffi, lib
 from ..errors import (
@@ -40,15 +36,22 @@ from ..errors import (
     error_for,
 )
 from ..fd import OwnedFd, fileno_of
+from ..ioctl import FdKind, call, fd_kind
 from ..iommu import Iommu
-from ..ioctl import FdKind, call, fd_kind  # noqa: F401
 from ..preservation import bdf_of_cdev, bdf_of_fd
 from ..sysfs import PciDevice, parse_bdf
-
 from .bar import Bar
 from .irqs import EventFd, IrqsMixin
 from .live_update import PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, LiveUpdateMixin, _open_error
-from .records import DeviceInfo, IrqInfo, RegionInfo, HotResetDevice, _caps_of, _device_cap, _region_cap
+from .records import DeviceInfo, HotResetDevice, IrqInfo, RegionInfo, _caps_of, _device_cap, _region_cap
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any
+
+    from typing_extensions import Self  # typing.Self from 3.11; type checkers ship this stub
 
 U32_MAX, U64_MAX = 2**32 - 1, 2**64 - 1
 CDEV_DIR = "/dev/vfio/devices/"
@@ -91,7 +94,8 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
 
     # --- construction -----------------------------------------------------------------------
     @classmethod
-    def open(cls, device: str, iommu: Iommu | str | None = None, *, sysfs: str = "/sys") -> "VfioDevice":
+    def open(cls, device: str | os.PathLike[str], iommu: Iommu | str | None = None, *,
+             sysfs: str = "/sys") -> VfioDevice:
         """Open a device bound to vfio-pci, by BDF (or a ``/dev/vfio/devices/vfioN`` path),
         set up in ``iommu`` (an Iommu, a mode name, or None for a new ``iommufd`` one).
 
@@ -131,7 +135,7 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
             raise
 
     @classmethod
-    def _open_cdev(cls, path: str, bdf: str | None, iommu: Iommu, owns: bool) -> "VfioDevice":
+    def _open_cdev(cls, path: str, bdf: str | None, iommu: Iommu, owns: bool) -> VfioDevice:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError as exc:
@@ -144,6 +148,7 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
         dev = cls(fd, iommu=iommu, bdf=bdf, cdev=True, bound=False, owns_iommu=owns, path=path)
         try:
             dev.bind(iommu)
+            assert iommu.ioas_id is not None  # open() checked: the iommufd mode
             dev.attach(iommu.ioas_id)
             dev._call("VFIO_DEVICE_GET_INFO")  # a device frozen by an aborted kexec binds, then answers EIO
         except PyvfioError as exc:
@@ -157,7 +162,7 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
         return dev
 
     @classmethod
-    def _open_group(cls, pci: PciDevice, iommu: Iommu, owns: bool) -> "VfioDevice":
+    def _open_group(cls, pci: PciDevice, iommu: Iommu, owns: bool) -> VfioDevice:
         group = pci.iommu_group
         if group is None:
             raise NotSupported(errno.ENODEV, "VfioDevice.open", pci.bdf, "the device has no IOMMU group")
@@ -189,7 +194,7 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
 
     @classmethod
     def from_fd(cls, fd: int, *, iommu: Iommu | None = None, bdf: str | None = None, owned: bool = True,
-                bound: bool = False, attach: bool = True) -> "VfioDevice":
+                bound: bool = False, attach: bool = True) -> VfioDevice:
         """Wrap a VFIO device fd that was opened elsewhere (or retrieved from a LUO session).
 
         With ``iommu`` (iommufd mode) and ``bound=False`` the fd is bound to it (and
@@ -204,8 +209,8 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
         dev = cls(fd, iommu=iommu, bdf=bdf, cdev=cdev, bound=bound or not cdev, owned=owned, path=link)
         if iommu is not None and cdev and not bound:
             dev.bind(iommu)
-            if attach:
-                dev.attach(iommu.ioas_id)
+            if attach:  # ioas_id is None for an iommufd_compat_* Iommu: cffi's TypeError, left as it was
+                dev.attach(iommu.ioas_id)  # type: ignore[arg-type]
         return dev
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -216,7 +221,7 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
     def fileno(self) -> int:
         return self._fd.fileno()
 
-    def _call(self, name: str, arg: Any = None, **kw) -> Any:
+    def _call(self, name: str, arg: Any = None, **kw: Any) -> Any:
         if self.cdev and not self.bound:
             raise DeviceNotBound(errno.EINVAL, name, self.name)
         return call(FdKind.VFIO_DEVICE, self.fileno(), name, arg, target=self._name, **kw)
@@ -379,7 +384,7 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
                                    arg.devices[i].devfn) for i in range(arg.count)]
             return arg.flags, devs
 
-    def hot_reset(self, group_fds: list[int] = ()) -> None:
+    def hot_reset(self, group_fds: Iterable[int] = ()) -> None:
         """VFIO_DEVICE_PCI_HOT_RESET. cdev devices pass no fds (ownership comes from the
         iommufd); group-opened devices pass the fd of every affected group."""
         if not isinstance(group_fds, (list, tuple)):
@@ -436,10 +441,10 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
             if self._owns_iommu and self.iommu is not None:
                 self.iommu.close()
 
-    def __enter__(self) -> "VfioDevice":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import errno
 import os
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
-
-if TYPE_CHECKING:
-    from typing import Any
-
 import select
 
 from .._cffi import lib
 from ..errors import InvalidArgument, check_int
 from ..fd import OwnedFd
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .records import IrqInfo
 
 U32_MAX = 2**32 - 1
 
@@ -24,7 +26,7 @@ class EventFd(OwnedFd):
     __slots__ = ()
 
     @classmethod
-    def create(cls, what: str = "eventfd") -> "EventFd":
+    def create(cls, what: str = "eventfd") -> EventFd:
         return cls(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK), what)
 
     def wait(self, timeout: float | None = None) -> int:
@@ -47,6 +49,12 @@ class IrqsMixin:
 
     _irq_fds: dict[int, list[EventFd]]
     _irqs_enabled: dict[int, int]
+
+    if TYPE_CHECKING:  # what the mixin uses of VfioDevice
+        @property
+        def name(self) -> str: ...
+        def irq_info(self, index: int) -> IrqInfo: ...
+        def _call(self, name: str, arg: Any = None, **kw: Any) -> Any: ...
 
     def enable_irq(self, index: int, count: int = 1) -> list[EventFd]:
         """Route vectors 0..count-1 of IRQ ``index`` (INTx=0, MSI=1, MSI-X=2, ERR=3, REQ=4) to new eventfds."""

@@ -14,6 +14,13 @@ from ..errors import (
     error_for,
 )
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from typing import Any
+
+    from ..luo import Session
+
 # PCI configuration space
 PCI_COMMAND = 0x04
 PCI_COMMAND_MEMORY = 0x2
@@ -27,6 +34,17 @@ PCI_PM_CTRL = 4
 
 class LiveUpdateMixin:
     """The live-update verbs of :class:`~pyvfio_lu.vfio.VfioDevice`."""
+
+    bdf: str | None
+    path: str | None
+    bound: bool
+    _irqs_enabled: dict[int, int]
+
+    if TYPE_CHECKING:  # what the mixin uses of VfioDevice
+        @property
+        def name(self) -> str: ...
+        def fileno(self) -> int: ...
+        def config_read(self, offset: int, width: int = 4) -> int: ...
 
     def power_state(self) -> str:
         """"D0".."D3hot" from sysfs, else from the PCI PM capability; "D0" if neither says."""
@@ -70,7 +88,7 @@ class LiveUpdateMixin:
         if problems:
             raise NotLiveUpdateReady(errno.EINVAL, "preserve VFIO device", self.name, "; ".join(problems))
 
-    def preserve(self, session, token: int) -> None:
+    def preserve(self, session: Session, token: int) -> None:
         """Check :meth:`check_live_update_ready`, then preserve this device fd in ``session``
         under ``token``. Nothing changes when a check fails. From then on the device belongs to
         the session: keep the session open (hand it to a holder) until the kexec; closing the
@@ -78,7 +96,7 @@ class LiveUpdateMixin:
         self.check_live_update_ready()
         session.preserve(self, token)
 
-    def ledger_record(self) -> dict:
+    def ledger_record(self) -> dict[str, Any]:
         """What the live-update ledger says of this device: its BDF and cdev path."""
         from ..preservation import record_for
 

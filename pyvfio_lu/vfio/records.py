@@ -4,21 +4,67 @@ records and their capability chains (each capability checked to fit its buffer).
 from __future__ import annotations
 
 from collections import namedtuple
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
-
-if TYPE_CHECKING:
-    from typing import Any
 
 from .._cffi import ffi, lib
 from ..caps import cap_fits, cap_items, walk_caps_sized
 
-class Capability(namedtuple("Capability", "id version data")):
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, NamedTuple
+
+if TYPE_CHECKING:  # the records' fields, typed (typing.NamedTuple would cost typing's import at run time)
+    class _CapabilityFields(NamedTuple):
+        id: int
+        version: int
+        data: dict[str, Any]
+
+    class _DeviceInfoFields(NamedTuple):
+        flags: int
+        num_regions: int
+        num_irqs: int
+        caps: tuple[Capability, ...] = ()
+
+    class SparseArea(NamedTuple):
+        offset: int
+        size: int
+
+    # ``index`` and ``count`` shadow tuple's methods: fine for collections.namedtuple, which
+    # these are at run time, but a typing.NamedTuple field of that name needs the ignore
+    class _RegionInfoFields(NamedTuple):
+        index: int  # type: ignore[assignment]
+        flags: int
+        size: int
+        offset: int
+        caps: tuple[Capability, ...] = ()
+
+    class _IrqInfoFields(NamedTuple):
+        index: int  # type: ignore[assignment]
+        flags: int
+        count: int  # type: ignore[assignment]
+
+    class _HotResetDeviceFields(NamedTuple):
+        id: int
+        segment: int
+        bus: int
+        devfn: int
+else:
+    _CapabilityFields = namedtuple("Capability", "id version data")
+    _DeviceInfoFields = namedtuple("DeviceInfo", "flags num_regions num_irqs caps", defaults=((),))
+    SparseArea = namedtuple("SparseArea", "offset size")
+    _RegionInfoFields = namedtuple("RegionInfo", "index flags size offset caps", defaults=((),))
+    _IrqInfoFields = namedtuple("IrqInfo", "index flags count")
+    _HotResetDeviceFields = namedtuple("HotResetDevice", "id segment bus devfn")
+
+
+class Capability(_CapabilityFields):
     """One entry of a VFIO capability chain, decoded into ``data`` where the type is known."""
 
     __slots__ = ()
 
 
-class DeviceInfo(namedtuple("DeviceInfo", "flags num_regions num_irqs caps", defaults=((),))):
+class DeviceInfo(_DeviceInfoFields):
     """VFIO_DEVICE_GET_INFO, decoded."""
 
     __slots__ = ()
@@ -32,10 +78,7 @@ class DeviceInfo(namedtuple("DeviceInfo", "flags num_regions num_irqs caps", def
         return bool(self.flags & lib.VFIO_DEVICE_FLAGS_RESET)
 
 
-SparseArea = namedtuple("SparseArea", "offset size")
-
-
-class RegionInfo(namedtuple("RegionInfo", "index flags size offset caps", defaults=((),))):
+class RegionInfo(_RegionInfoFields):
     """VFIO_DEVICE_GET_REGION_INFO, decoded (``offset`` is where the region lives in the device fd)."""
 
     __slots__ = ()
@@ -71,7 +114,7 @@ class RegionInfo(namedtuple("RegionInfo", "index flags size offset caps", defaul
         return None
 
 
-class IrqInfo(namedtuple("IrqInfo", "index flags count")):
+class IrqInfo(_IrqInfoFields):
     """VFIO_DEVICE_GET_IRQ_INFO, decoded."""
 
     __slots__ = ()
@@ -89,7 +132,7 @@ class IrqInfo(namedtuple("IrqInfo", "index flags count")):
         return bool(self.flags & lib.VFIO_IRQ_INFO_NORESIZE)
 
 
-class HotResetDevice(namedtuple("HotResetDevice", "id segment bus devfn")):
+class HotResetDevice(_HotResetDeviceFields):
     """A device a hot reset affects; ``id`` is its group id, or its device id (cdev) with DEV_ID."""
 
     __slots__ = ()
@@ -99,11 +142,11 @@ class HotResetDevice(namedtuple("HotResetDevice", "id segment bus devfn")):
         return f"{self.segment:04x}:{self.bus:02x}:{self.devfn >> 3:02x}.{self.devfn & 7}"
 
 
-def _caps_of(arg: Any, first: int, decode) -> tuple[Capability, ...]:
+def _caps_of(arg: Any, first: int, decode: Callable[[int, Any, int], dict[str, Any]]) -> tuple[Capability, ...]:
     return tuple(Capability(cid, ver, decode(cid, ptr, room)) for cid, ver, ptr, room in walk_caps_sized(arg, first))
 
 
-def _region_cap(cid: int, ptr: Any, room: int) -> dict:
+def _region_cap(cid: int, ptr: Any, room: int) -> dict[str, Any]:
     if cid == lib.VFIO_REGION_INFO_CAP_SPARSE_MMAP:
         cap_fits(room, "vfio_region_info_cap_sparse_mmap")
         cap = ffi.cast("struct vfio_region_info_cap_sparse_mmap *", ptr)
@@ -116,7 +159,7 @@ def _region_cap(cid: int, ptr: Any, room: int) -> dict:
     return {}
 
 
-def _device_cap(cid: int, ptr: Any, room: int) -> dict:
+def _device_cap(cid: int, ptr: Any, room: int) -> dict[str, Any]:
     if cid == lib.VFIO_DEVICE_INFO_CAP_PCI_ATOMIC_COMP:
         cap_fits(room, "vfio_device_info_cap_pci_atomic_comp")
         return {"flags": ffi.cast("struct vfio_device_info_cap_pci_atomic_comp *", ptr).flags}

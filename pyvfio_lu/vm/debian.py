@@ -26,11 +26,11 @@ def archive_source() -> tuple[str, str]:
     """(URI, Signed-By keyring) of the machine's main Debian archive."""
     for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
         for stanza in Path(path).read_text().split("\n\n"):
-            fields = dict(
-                (k.strip(), v.strip())
+            fields = {
+                k.strip(): v.strip()
                 for k, _, v in (line.partition(":") for line in stanza.splitlines())
                 if not k.startswith("#") and v
-            )
+            }
             uri = fields.get("URIs", "").split()
             suites = fields.get("Suites", "").split()
             if uri and suites and "-" not in suites[0] and fields.get("Types") == "deb":
@@ -66,7 +66,7 @@ def _apt_options(cache_dir: Path) -> list[str]:
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise DebianFetchError(
             f"{' '.join(cmd[:2])} … failed ({proc.returncode}):\n{proc.stderr.strip()[-2000:]}"

@@ -17,9 +17,12 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING
 
 from .cache import cache_root, locked
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 INIT_SCRIPT = Path(__file__).with_name("init.sh")
 DEFAULT_BUSYBOX = "/bin/busybox"  # from busybox-static; ``$PYVFIO_LU_BUSYBOX`` overrides
@@ -47,19 +50,19 @@ class CpioEntry:
     rdev: tuple[int, int] = (0, 0)  # (major, minor) of a device node
 
     @classmethod
-    def directory(cls, name: str, perm: int = 0o755) -> "CpioEntry":
+    def directory(cls, name: str, perm: int = 0o755) -> CpioEntry:
         return cls(name, stat.S_IFDIR | perm)
 
     @classmethod
-    def file(cls, name: str, data: bytes, perm: int = 0o644) -> "CpioEntry":
+    def file(cls, name: str, data: bytes, perm: int = 0o644) -> CpioEntry:
         return cls(name, stat.S_IFREG | perm, data)
 
     @classmethod
-    def symlink(cls, name: str, target: str) -> "CpioEntry":
+    def symlink(cls, name: str, target: str) -> CpioEntry:
         return cls(name, stat.S_IFLNK | 0o777, target.encode())
 
     @classmethod
-    def char_device(cls, name: str, major: int, minor: int, perm: int = 0o600) -> "CpioEntry":
+    def char_device(cls, name: str, major: int, minor: int, perm: int = 0o600) -> CpioEntry:
         return cls(name, stat.S_IFCHR | perm, b"", (major, minor))
 
 
@@ -138,10 +141,9 @@ def build_initramfs(init_script: Path | None = None, busybox: Path | None = None
         archive = newc_archive(initramfs_entries(script_bytes, busybox_bytes))
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
-            with open(tmp, "wb") as raw:
-                # no file name and mtime 0 in the gzip header: same inputs, same bytes
-                with gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
-                    gz.write(archive)
+            # no file name and mtime 0 in the gzip header: same inputs, same bytes
+            with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
+                gz.write(archive)
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)

@@ -48,7 +48,7 @@ RECIPE_VERSION = "1"  # bump when the steps below change what is built
 UPSTREAM = "upstream"
 VFIO_LU = "vfio-lu"
 FLAVOURS = (UPSTREAM, VFIO_LU)
-FLAVOUR_FRAGMENTS = {UPSTREAM: FRAGMENTS, VFIO_LU: FRAGMENTS + ("vfio-lu.config",)}
+FLAVOUR_FRAGMENTS = {UPSTREAM: FRAGMENTS, VFIO_LU: (*FRAGMENTS, "vfio-lu.config")}
 PATCHES_ENV = "PYVFIO_LU_KERNEL_PATCHES"
 TREE_ENV = "PYVFIO_LU_KERNEL_TREE"
 PATCH_SUFFIXES = (".patch", ".diff", ".mbox", ".eml")
@@ -94,7 +94,7 @@ def _tree_identity(tree: Path) -> str:
         head = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "-uno"],
-                               capture_output=True, text=True).stdout.strip()
+                               capture_output=True, text=True, check=False).stdout.strip()
         return f"git:{head}{'-dirty:' + hashlib.sha256(dirty.encode()).hexdigest()[:8] if dirty else ''}"
     except (OSError, subprocess.CalledProcessError):
         return f"path:{tree.resolve()}"
@@ -213,7 +213,7 @@ def apply_patches(tree: Path, files: list[Path], log: Path) -> list[str]:
                 os.replace(tmp, f)
         cmd = ["patch", "-p1", "--fuzz=3", "--forward", "--batch", "--no-backup-if-mismatch",
                "-i", str(pfile)]
-        proc = subprocess.run(cmd, cwd=tree, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, check=False)
         with open(log, "a") as fh:
             fh.write(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
         if proc.returncode != 0:
@@ -277,7 +277,7 @@ def configure(src: Path, out: Path, log: Path, flavour: str = UPSTREAM) -> Path:
 
 def _kernelrelease(src: Path, out: Path) -> str:
     proc = subprocess.run(["make", "-s", "-C", str(src), f"O={out}", "kernelrelease"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     return proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 and proc.stdout.strip() else ""
 
 

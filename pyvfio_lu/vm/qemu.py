@@ -23,9 +23,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from .cache import cache_root, locked
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping, Sequence
+
+    from .run import GuestResult
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +57,7 @@ class GuestError(RuntimeError):
     """The guest did not run to its expected end. ``tail`` holds its last console lines."""
 
     def __init__(self, message: str, tail: Sequence[str] = (), log_path: Path | None = None,
-                 result: object | None = None) -> None:
+                 result: GuestResult | None = None) -> None:
         text = message
         if log_path is not None:
             text += f"\nconsole log: {log_path}"
@@ -140,11 +145,11 @@ def qemu_argv(spec: QemuSpec) -> list[str]:
         argv += ["-netdev", "user,id=net0,restrict=on",
                  "-device", "virtio-net-pci,netdev=net0,addr=0x5"]
     argv += [
-        "-fsdev", f"local,id=hostroot,path={_qemu_path(spec.host_root)},security_model=none,"
-                  "readonly=on,multidevs=remap",
+        "-fsdev", (f"local,id=hostroot,path={_qemu_path(spec.host_root)},security_model=none,"
+                   "readonly=on,multidevs=remap"),
         "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot,addr=0x6",
-        "-fsdev", f"local,id=shared,path={_qemu_path(spec.results_dir)},security_model=none,"
-                  "multidevs=remap",
+        "-fsdev", (f"local,id=shared,path={_qemu_path(spec.results_dir)},security_model=none,"
+                   "multidevs=remap"),
         "-device", "virtio-9p-pci,fsdev=shared,mount_tag=shared,addr=0x7",
         "-kernel", str(spec.kernel), "-initrd", str(spec.initrd),
         "-append", kernel_cmdline(spec),
@@ -305,7 +310,7 @@ def run_console(argv: Sequence[str], *, log_path: Path, timeout: float,
         logf.write(f"# {shlex.join(argv)}\n")
         proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_die_with_parent_hook())
+                                preexec_fn=_die_with_parent_hook())  # noqa: PLW1509 - one prctl, no threads yet
         try:
             assert proc.stdout is not None
             fd = proc.stdout.fileno()
@@ -353,9 +358,9 @@ def run_console(argv: Sequence[str], *, log_path: Path, timeout: float,
             elif eof:
                 try:
                     rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
+                except subprocess.TimeoutExpired:  # B904: left as the GuestTimeout's context, as it was
                     _kill(proc)
-                    raise GuestTimeout("the guest closed its console but did not exit within "
+                    raise GuestTimeout("the guest closed its console but did not exit within "  # noqa: B904
                                        f"{timeout:.0f} s and was killed", tail(), log_path)
             else:
                 _kill(proc)

@@ -20,11 +20,14 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from . import qemu
 from .initramfs import build_initramfs
 from .qemu import GuestError, GuestTimeout, Markers, QemuSpec
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["GuestError", "GuestResult", "GuestTimeout", "kexec_commands", "run_in_guest"]
 
@@ -72,8 +75,8 @@ class GuestResult:
         rcs = ", ".join(f"stage {n} rc={'-' if rc is None else rc}"
                         for n, rc in self.stage_rc.items())
         lines = [
-            f"pyvfio-lu guest run: {'ok' if self.ok else 'FAILED'} "
-            f"(accel {self.accel}, iommu {self.iommu})",
+            (f"pyvfio-lu guest run: {'ok' if self.ok else 'FAILED'} "
+             f"(accel {self.accel}, iommu {self.iommu})"),
             f"  boot (QEMU start -> stage 1 command): {sec(self.boot_seconds)}",
         ]
         if 2 in self.stage_rc:

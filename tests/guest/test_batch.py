@@ -68,7 +68,7 @@ def test_map_many_checks_every_piece_before_mapping_any(dev):
         bad[5] = (5 * PAGE, IOVA + 5 * PAGE + 1, PAGE)  # IOVA not page-aligned
         with pytest.raises(errors.ArgumentOutOfRange, match="piece 5"):
             iommu.map_many(buf, bad)
-        outside = _pieces(8) + [(8 * PAGE, IOVA + 8 * PAGE, PAGE)]  # past the buffer's end
+        outside = [*_pieces(8), (8 * PAGE, IOVA + 8 * PAGE, PAGE)]  # past the end of the buffer
         with pytest.raises(errors.ArgumentOutOfRange, match="piece 8"):
             iommu.map_many(buf, outside)
         with pytest.raises(errors.BadArgumentType, match="piece 2"):
@@ -93,7 +93,7 @@ def test_map_many_stops_at_the_refused_piece_and_keeps_the_ones_before(dev):
         # the three before it are really mapped: mapping over them is refused by the kernel
         with pytest.raises(errors.MappingExists):
             iommu.map(buf, IOVA + PAGE, size=PAGE)
-        assert iommu.unmap_many(info.value.mappings + [blocker]) == 4 * PAGE
+        assert iommu.unmap_many([*info.value.mappings, blocker]) == 4 * PAGE
         assert iommu.mappings == {}
 
 

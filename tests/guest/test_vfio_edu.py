@@ -10,8 +10,8 @@ import pytest
 
 from pyvfio_lu import edu, errors
 from pyvfio_lu._cffi import lib
-from pyvfio_lu.iommu import MODES, PAGE, DmaBuffer, Iommu
 from pyvfio_lu.ioctl import FdKind, call
+from pyvfio_lu.iommu import MODES, PAGE, DmaBuffer, Iommu
 from pyvfio_lu.luo import LiveUpdate
 from pyvfio_lu.memfd import Memfd
 from pyvfio_lu.sysfs import PciDevice
@@ -166,7 +166,7 @@ def test_reset(dev):
 
 def test_hot_reset_info(dev):
     try:
-        flags, devices = dev.hot_reset_info()
+        _flags, devices = dev.hot_reset_info()
     except errors.PyvfioError as exc:
         assert exc.errno == errno.ENODEV  # no slot or bus reset possible for this device
         return

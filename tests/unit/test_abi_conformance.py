@@ -393,7 +393,7 @@ def test_every_ioctl_number_equals_the_contract_table(cdefs_build):
 
 
 def test_every_ioctl_number_is_io_with_no_size_or_direction():
-    for name, value in CONTRACT_IOCTLS.items():
+    for name in CONTRACT_IOCTLS:
         assert getattr(lib, name) >> 16 == 0, f"{name} = {getattr(lib, name):#x} encodes a direction or size"
 
 

@@ -81,3 +81,20 @@ def test_all_headers_compile_together_with_the_helpers(cdefs_build, gcc, tmp_pat
     proc = subprocess.run([gcc, "-std=gnu11", "-fsyntax-only", "-Wall", "-Wno-unused-function", "-Werror", str(src)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_extension_stub_declares_exactly_its_functions_and_int_constants():
+    """pyvfio_lu/_cffi.pyi (what type checkers see) against the built extension: the same
+    helper functions, and every other attribute of ``lib`` an int (its ``__getattr__``)."""
+    import ast
+    from pathlib import Path
+
+    import pyvfio_lu
+    from pyvfio_lu._cffi import lib
+
+    stub = ast.parse((Path(pyvfio_lu.__file__).parent / "_cffi.pyi").read_text())
+    lib_class = next(n for n in stub.body if isinstance(n, ast.ClassDef) and n.name == "_Lib")
+    declared = {f.name for f in lib_class.body if isinstance(f, ast.FunctionDef)} - {"__getattr__"}
+    functions = {name for name in dir(lib) if callable(getattr(lib, name))}
+    assert declared == functions
+    assert all(type(getattr(lib, name)) is int for name in dir(lib) if name not in functions)

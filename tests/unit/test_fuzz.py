@@ -47,7 +47,7 @@ def _info(struct: str, blob: bytes):
 def test_region_info_caps(blob, first):
     from pyvfio_lu.vfio import _caps_of, _region_cap
 
-    arg, _keep, base = _info("vfio_region_info", blob)
+    arg, _keep, _base = _info("vfio_region_info", blob)
     try:
         caps = _caps_of(arg, first, _region_cap)
     except PyvfioError as exc:
@@ -88,7 +88,7 @@ def test_well_formed_chains_decode(caps):
     body = bytearray()
     base = ffi.sizeof("struct vfio_region_info")
     offsets = []
-    for i, (cid, payload) in enumerate(caps):
+    for _cid, payload in caps:
         offsets.append(base + len(body))
         body += bytes(8) + payload + bytes((-len(payload)) % 8)
     for i, off in enumerate(offsets):
@@ -256,7 +256,7 @@ def test_handoff_round_trip(manifest):
         msg = handoff.recv_message(b)
         try:
             assert list(msg.fds) == names
-            assert {k: v for k, v in msg.header.get("manifest", {}).items()} == \
+            assert dict(msg.header.get("manifest", {}).items()) == \
                 json.loads(json.dumps({k: v for k, v in manifest.items() if k in names or not names}))
         finally:
             msg.close()

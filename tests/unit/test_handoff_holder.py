@@ -154,7 +154,7 @@ def test_600_fds_go_in_datagrams_of_at_most_250(pair, memfds, many_fds_allowed):
     handoff.send_message(a, {"op": "hold", "names": [str(i) for i in range(600)]}, fds)
     seen = []
     for _ in range(3):
-        data, got, flags, _ = socket.recv_fds(b, handoff.MAX_MESSAGE, 300, socket.MSG_CMSG_CLOEXEC)
+        data, got, _flags, _ = socket.recv_fds(b, handoff.MAX_MESSAGE, 300, socket.MSG_CMSG_CLOEXEC)
         assert data[:1] == handoff.PART  # each part fits one datagram here: no continuation
         body = json.loads(data[1:])
         seen.append((len(got), len(body["names"]), body["more"]))

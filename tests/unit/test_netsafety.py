@@ -128,7 +128,8 @@ def test_several_interfaces_all_named():
     with pytest.raises(InterfaceInUse) as exc:
         check_interfaces("0000:00:05.0", ["eth0", "eth1", "eth2"], nl)
     msg = str(exc.value)
-    assert "interfaces in use" in msg and "eth0:" in msg and "eth1: link is up" in msg and "eth2" not in msg  # idle: neither listed nor in the remedy
+    # eth2 is idle: neither listed nor in the remedy
+    assert "interfaces in use" in msg and "eth0:" in msg and "eth1: link is up" in msg and "eth2" not in msg
     assert "Take them down" in msg
 
 
@@ -181,7 +182,7 @@ def test_netlink_unavailable_refuses_unless_forced(fs, monkeypatch):
 
     monkeypatch.setattr(netsafety, "open_netlink", broken)
     pci = PciDevice("0000:00:05.0", str(fs))
-    with pytest.raises(NetworkCheckFailed, match="backs eth0 but netlink could not be queried.*pyroute2"):
+    with pytest.raises(NetworkCheckFailed, match=r"backs eth0 but netlink could not be queried.*pyroute2"):
         check_device(pci)
     assert check_device(pci, force=True) == []
 

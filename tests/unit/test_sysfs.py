@@ -109,7 +109,7 @@ def test_hostile_driver_names(name):
 
 # --- identity, groups, cdev, net ------------------------------------------------------------------
 def test_unknown_device(fs):
-    with pytest.raises(NotFound, match="no PCI device 0000:00:1e.0"):
+    with pytest.raises(NotFound, match=r"no PCI device 0000:00:1e.0"):
         PciDevice("0000:00:1e.0", str(fs))
 
 
@@ -259,7 +259,7 @@ def test_bind_rolls_back_when_the_driver_does_not_bind(kernel, monkeypatch):
     d = PciDevice("0000:00:05.0", str(kernel))
     real = kernel._probe
     monkeypatch.setattr(kernel, "_probe", lambda bdf: None if kernel.override(bdf) else real(bdf))
-    with pytest.raises(PyvfioError, match="did not bind to vfio-pci.*restored virtio-pci"):
+    with pytest.raises(PyvfioError, match=r"did not bind to vfio-pci.*restored virtio-pci"):
         d.bind("vfio-pci", timeout=0.05)
     assert d.driver == "virtio-pci" and d.driver_override is None
 

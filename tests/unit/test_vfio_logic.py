@@ -8,11 +8,10 @@ import os
 
 import pytest
 
-from pyvfio_lu import errors
+from pyvfio_lu import errors, ledger, preservation
 from pyvfio_lu._cffi import ffi, lib
 from pyvfio_lu.caps import walk_caps
 from pyvfio_lu.iommu import PAGE, DmaBuffer, Iommu, IovaAllocator, IovaRange
-from pyvfio_lu import ledger, preservation
 from pyvfio_lu.vfio import VfioDevice, _open_error
 
 
@@ -201,7 +200,7 @@ def test_missing_iommu_device_nodes_say_what_is_missing(monkeypatch):
         raise FileNotFoundError(errno.ENOENT, "No such file or directory")
 
     monkeypatch.setattr(iommu.os, "open", enoent)
-    with pytest.raises(errors.NotFound, match="no iommufd.*CONFIG_IOMMUFD"):
+    with pytest.raises(errors.NotFound, match=r"no iommufd.*CONFIG_IOMMUFD"):
         Iommu("iommufd")
-    with pytest.raises(errors.NotFound, match="no VFIO container.*CONFIG_VFIO_CONTAINER"):
+    with pytest.raises(errors.NotFound, match=r"no VFIO container.*CONFIG_VFIO_CONTAINER"):
         Iommu("vfio_type1v2_iommu")

@@ -23,7 +23,7 @@ def parse_newc(data: bytes) -> list[dict[str, object]]:
     while True:
         assert data[off:off + 6] == b"070701", f"bad magic at {off}"
         fields = [int(data[off + 6 + 8 * i: off + 14 + 8 * i], 16) for i in range(13)]
-        ino, mode, uid, gid, nlink, mtime, size, _, _, rmaj, rmin, namesize, _ = fields
+        ino, mode, uid, _gid, nlink, mtime, size, _, _, rmaj, rmin, namesize, _ = fields
         name_start = off + 110
         name = data[name_start:name_start + namesize - 1].decode()
         assert data[name_start + namesize - 1] == 0
@@ -151,8 +151,8 @@ def test_argv_intel_tcg(tmp_path: Path) -> None:
     assert "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot,addr=0x6" in devices
     assert "virtio-9p-pci,fsdev=shared,mount_tag=shared,addr=0x7" in devices
     assert opt(argv, "-kernel") == ["/k/bzImage"] and opt(argv, "-initrd") == ["/k/initrd.gz"]
-    assert opt(argv, "-append") == ["console=ttyS0 panic=-1 kho=on liveupdate=on "
-                                     "initcall_blacklist=e1000_init_module pyvfio_lu.stage=1"]
+    assert opt(argv, "-append") == [("console=ttyS0 panic=-1 kho=on liveupdate=on "
+                                      "initcall_blacklist=e1000_init_module pyvfio_lu.stage=1")]
     assert opt(argv, "-serial") == ["stdio"] and "-no-reboot" in argv and "-nodefaults" in argv
     assert not any("virtio-iommu" in d for d in devices)
 
@@ -168,8 +168,8 @@ def test_argv_virtio_iommu_kvm(tmp_path: Path) -> None:
     assert opt(argv, "-cpu") == ["host"] and opt(argv, "-m") == ["3G"]
     assert opt(argv, "-netdev") == ["user,id=net1,restrict=on"] and not any("virtio-net" in d for d in devices)
     assert opt(argv, "-append") == [
-        "console=ttyS0 panic=-1 kho=on liveupdate=on initcall_blacklist=e1000_init_module pyvfio_lu.stage=2 "
-        "vfio_iommu_type1.allow_unsafe_interrupts=1 iommufd.allow_unsafe_interrupts=1 quiet"]
+        ("console=ttyS0 panic=-1 kho=on liveupdate=on initcall_blacklist=e1000_init_module pyvfio_lu.stage=2 "
+         "vfio_iommu_type1.allow_unsafe_interrupts=1 iommufd.allow_unsafe_interrupts=1 quiet")]
 
 
 def test_argv_escapes_commas_and_checks_modes(tmp_path: Path) -> None:
@@ -288,7 +288,7 @@ def test_choose_accel(tmp_path: Path) -> None:
     kvm = tmp_path / "kvm"
     kvm.write_text("")
     cache = tmp_path / "probe.json"
-    kw = dict(cache_file=cache, kvm_device=kvm, key="k1")
+    kw = {"cache_file": cache, "kvm_device": kvm, "key": "k1"}
     assert qemu.choose_accel(probe, env={"PYVFIO_LU_ACCEL": "kvm"}, cpuinfo=NOVIRT, **kw) == "kvm"
     assert qemu.choose_accel(probe, env={}, cpuinfo=NOVIRT, **kw) == "tcg" and not calls
     assert qemu.choose_accel(probe, env={}, cpuinfo=VMX, kvm_device=tmp_path / "none",
