@@ -20,6 +20,10 @@ def test_readme_vfio_example():
     exec(compile(block("readme-vfio"), "README.md[readme-vfio]", "exec"), {})
 
 
+def test_readme_batch_example():
+    exec(compile(block("readme-batch"), "README.md[readme-batch]", "exec"), {})
+
+
 class TestReadmeLiveUpdate:
     @pytest.mark.before_kexec
     def test_before(self):
