@@ -11,7 +11,8 @@
  * Times are CLOCK_MONOTONIC, the clock behind Python's time.perf_counter_ns().
  *
  *   bench device CDEV ITERS_IOCTL ITERS_MMIO REPEATS
- *       VFIO_DEVICE_GET_INFO; BAR0 read32 at 0 and write32 at 4 (volatile, exact width)
+ *       VFIO_DEVICE_GET_INFO; BAR0 read32 at 0 and write32 at 4 (volatile, exact width);
+ *       a poll of the id register that matches at once (ITERS_IOCTL times)
  *   bench getname ITERS REPEATS
  *       LIVEUPDATE_SESSION_GET_NAME on a fresh outgoing session
  *   bench dma CDEV TOTAL_BYTES PIECE_BYTES ROUNDS IOVA
@@ -132,6 +133,20 @@ static int cmd_device(const char *cdev, long iters_ioctl, long iters_mmio, int r
         ns[r] = now_ns() - t0;
     }
     report("mmio_write32", iters_mmio, ns, repeats);
+
+    /* a register poll that matches at once, as pyvfio_lu's Bar.poll does it: the deadline
+       from CLOCK_MONOTONIC, then read and compare */
+    for (int r = 0; r < repeats; r++) {
+        uint64_t t0 = now_ns();
+        for (long i = 0; i < iters_ioctl; i++) {
+            uint64_t deadline = now_ns() + 1000000000ull;
+            while ((*id & 0xffffffffu) != 0x010000edu)
+                if (now_ns() >= deadline)
+                    die("poll");
+        }
+        ns[r] = now_ns() - t0;
+    }
+    report("mmio_poll", iters_ioctl, ns, repeats);
 
     munmap(bar, region.size);
     close(dev);

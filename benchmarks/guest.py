@@ -56,6 +56,8 @@ class Config:
     dma_small_total: int = 16 << 20  # 4 KiB pieces: a fixed 16 MiB subset of the 1 GiB (see RESULTS.md)
     dma_small_piece: int = 4096
     dma_small_rounds: int = 3
+    dma_full_total: int = 1 << 30  # 4 KiB pieces through the batch verbs: 262,144 mappings
+    dma_full_rounds: int = 1
     lu_files: int = 500
     lu_samples: int = 5
     import_n: int = 7
@@ -67,6 +69,7 @@ class Config:
 FULL = Config()
 SMOKE = Config(ioctl_iters=50, mmio_iters=200, repeats=2, alternations=1,
                dma_big_total=4 << 20, dma_big_rounds=1, dma_small_total=64 << 10, dma_small_rounds=1,
+               dma_full_total=1 << 20,
                lu_files=20, lu_samples=1, import_n=1, profile_iters=20, profile_dma_pieces=8,
                profile_lu_files=8)
 
@@ -132,6 +135,29 @@ def _loop_read32_floor(ptr: Any, n: int) -> None:
     read32 = lib.pvl_mmio_read32
     for _ in range(n):
         read32(ptr, 0)
+
+
+BLOCK = 256  # accesses per block call
+
+
+def _loop_read_block(bar: Bar, offsets: list[int], n: int) -> None:
+    for _ in range(n // BLOCK):
+        bar.read_block(offsets)
+
+
+def _loop_write_block(bar: Bar, offsets: list[int], values: list[int], n: int) -> None:
+    for _ in range(n // BLOCK):
+        bar.write_block(offsets, values)
+
+
+def _loop_read32_memoryview(view: memoryview, n: int) -> None:
+    for _ in range(n):
+        view[0]
+
+
+def _loop_poll(bar: Bar, want: int, n: int) -> None:
+    for _ in range(n):
+        bar.poll(0, 0xFFFFFFFF, want, 1.0)
 
 
 def _loop_get_name(session: Session, n: int) -> None:
@@ -209,6 +235,17 @@ def py_device(cfg: Config) -> dict[str, dict[str, Any]]:
         out["mmio_read32"] = _time(_loop_read32, n, r, bar)
         out["mmio_write32"] = _time(_loop_write32, n, r, bar)
         out["mmio_read32_floor"] = _time(_loop_read32_floor, n, r, bar._ptr)
+        # n // BLOCK block calls of BLOCK accesses each: per-access figures, like C's loop
+        n_block = n - n % BLOCK
+        out["mmio_read_block"] = _time(_loop_read_block, n_block, r, bar, [edu.REG_ID] * BLOCK)
+        out["mmio_write_block"] = _time(_loop_write_block, n_block, r, bar, [edu.REG_LIVENESS] * BLOCK,
+                                        list(range(BLOCK)))
+        # the idiom some Python userspace drivers use: a memoryview cast of the mapped BAR
+        # (no exact-width guarantee: CPython happens to load 4 bytes for an "I" item)
+        view = memoryview(ffi.buffer(bar._ptr, bar.size)).cast("I")
+        out["mmio_read32_memoryview"] = _time(_loop_read32_memoryview, n, r, view)
+        view.release()
+        out["mmio_poll"] = _time(_loop_poll, cfg.ioctl_iters, r, bar, edu.ID)
         out["python_loop"] = _time(_loop_empty, n, r)
     return out
 
@@ -244,9 +281,12 @@ def _unmap_all(iommu: Iommu, maps: list[Mapping]) -> None:
         iommu.unmap(m)
 
 
-def py_dma(total: int, piece: int, rounds: int) -> dict[str, dict[str, Any]]:
+def py_dma(total: int, piece: int, rounds: int, single: bool = True, tag: str = "") -> dict[str, dict[str, Any]]:
     """IOMMU_IOAS_MAP of ``total`` bytes of a DmaBuffer in ``piece``-sized pieces, then
-    IOMMU_IOAS_UNMAP of each, ``rounds`` times; map and unmap phases timed apart."""
+    IOMMU_IOAS_UNMAP of each, ``rounds`` times; map and unmap phases timed apart: one
+    ``Iommu.map``/``unmap`` per piece (``single``), the plain-Python floor, and the batch
+    verbs (``map_many``/``unmap_many``: one call each, the pieces listed beforehand, as a VMM
+    keeps its memory layout). Keys end in ``tag`` or the piece size."""
     from pyvfio_lu.iommu import PAGE, DmaBuffer
     from pyvfio_lu.vfio import VfioDevice
 
@@ -256,19 +296,39 @@ def py_dma(total: int, piece: int, rounds: int) -> dict[str, dict[str, Any]]:
         buf.view()[::PAGE] = b"\1" * (total // PAGE)  # fault every page in before timing (C does the same)
         iommu, base = dev.iommu, buf.address
         assert iommu is not None and iommu.ioas_id is not None  # open() made an iommufd one
+        key = tag or str(piece)
+        out: dict[str, dict[str, Any]] = {}
+        if single:
+            for _ in range(rounds):
+                t0 = ns()
+                maps = _map_pieces(iommu, base, piece, count)
+                t1 = ns()
+                _unmap_all(iommu, maps)
+                t2 = ns()
+                map_ns.append(t1 - t0)
+                unmap_ns.append(t2 - t1)
+            if iommu.mappings:
+                raise RuntimeError("mappings left after unmapping every piece")
+            floor = _dma_floor(iommu.fileno(), iommu.ioas_id, base, piece, count, rounds)
+            out.update({f"dma_map_{key}": _sample(count, map_ns), f"dma_unmap_{key}": _sample(count, unmap_ns),
+                        f"dma_map_floor_{key}": _sample(count, floor[0]),
+                        f"dma_unmap_floor_{key}": _sample(count, floor[1])})
+        pieces = [(i * piece, IOVA_BASE + i * piece, piece) for i in range(count)]
+        bmap_ns, bunmap_ns = [], []
         for _ in range(rounds):
             t0 = ns()
-            maps = _map_pieces(iommu, base, piece, count)
+            maps = iommu.map_many(buf, pieces)
             t1 = ns()
-            _unmap_all(iommu, maps)
+            iommu.unmap_many(maps)
             t2 = ns()
-            map_ns.append(t1 - t0)
-            unmap_ns.append(t2 - t1)
+            bmap_ns.append(t1 - t0)
+            bunmap_ns.append(t2 - t1)
+            del maps
         if iommu.mappings:
-            raise RuntimeError("mappings left after unmapping every piece")
-        floor = _dma_floor(iommu.fileno(), iommu.ioas_id, base, piece, count, rounds)
-    return {f"dma_map_{piece}": _sample(count, map_ns), f"dma_unmap_{piece}": _sample(count, unmap_ns),
-            f"dma_map_floor_{piece}": _sample(count, floor[0]), f"dma_unmap_floor_{piece}": _sample(count, floor[1])}
+            raise RuntimeError("mappings left after unmap_many")
+        out.update({f"dma_map_batch_{key}": _sample(count, bmap_ns),
+                    f"dma_unmap_batch_{key}": _sample(count, bunmap_ns)})
+    return out
 
 
 def _dma_floor(iommufd: int, ioas: int, base: int, piece: int, count: int, rounds: int) -> tuple[list[int], list[int]]:
@@ -334,6 +394,40 @@ def py_lu_retrieve(session_name: str, files: int) -> int:
     with session:
         for i in range(files):
             with Memfd.adopt(session.retrieve(i)) as m:
+                m.verify(expected[i])
+        session.finish()
+    return ns() - t0
+
+
+def py_lu_preserve_batch(session_name: str, files: int) -> tuple[int, Session]:
+    """py_lu_preserve through ``Session.preserve_many``: the memfds made, then one call."""
+    from pyvfio_lu.luo import LiveUpdate
+    from pyvfio_lu.memfd import Memfd
+
+    t0 = ns()
+    with LiveUpdate() as lu:
+        session = lu.create_session(session_name)
+        memfds = [Memfd.create("bench", memfd_data(i), size=4096) for i in range(files)]
+        try:
+            session.preserve_many([(m, i) for i, m in enumerate(memfds)])
+        finally:
+            for m in memfds:
+                m.close()
+    return ns() - t0, session
+
+
+def py_lu_retrieve_batch(session_name: str, files: int) -> int:
+    """py_lu_retrieve through ``Session.retrieve_many``: one call, then each memfd verified."""
+    from pyvfio_lu.luo import LiveUpdate
+    from pyvfio_lu.memfd import Memfd
+
+    expected = _expected(files)
+    t0 = ns()
+    with LiveUpdate() as lu:
+        session = lu.retrieve_session(session_name)
+    with session:
+        for i, fd in enumerate(session.retrieve_many(range(files))):
+            with Memfd.adopt(fd) as m:
                 m.verify(expected[i])
         session.finish()
     return ns() - t0
@@ -510,6 +604,13 @@ def single_boot(cfg: Config, workdir: Path, log: Callable[[str], None] = _log,
             log("bench: ... and C")
             _pool(c, cprog.run(binary, "dma", cdev, total, piece, rounds, IOVA_BASE))
             res["facts"][f"dma_total_{piece}"] = total
+        total, piece, rounds = cfg.dma_full_total, 4096, cfg.dma_full_rounds
+        log(f"bench: DMA map/unmap of {total >> 20} MiB in 4 KiB pieces ({total // piece} mappings), batch verbs: "
+            "Python, then C")
+        _pool(py, py_dma(total, piece, rounds, single=False, tag="full"))
+        full_c = cprog.run(binary, "dma", cdev, total, piece, rounds, IOVA_BASE)
+        _pool(c, {k.replace(f"_{piece}", "_full"): v for k, v in full_c.items()})
+        res["facts"]["dma_total_full"] = total
     if want("profile"):
         log("bench: cProfile of the Python loops")
         res["profiles"] = profiles_single_boot(cfg)
@@ -543,8 +644,8 @@ def _pyvfio_lu_path() -> str:
 
 def _lu_order(k: int) -> tuple[str, ...]:
     """Sample k's order of pyvfio_lu, C and the plain-Python floor: rotated, so no side always goes first."""
-    sides = ("python", "c", "floor")
-    return sides[k % 3:] + sides[:k % 3]
+    sides = ("python", "c", "floor", "batch")
+    return sides[k % 4:] + sides[:k % 4]
 
 
 def stage1(cfg: Config, out: Path, only: set[str] | None) -> int:
@@ -552,7 +653,8 @@ def stage1(cfg: Config, out: Path, only: set[str] | None) -> int:
 
     workdir = out.parent / "build"  # /shared/build: stage 2 reuses the binary
     res = single_boot(cfg, workdir, only=only)
-    res["lu"] = {"preserve_python": [], "preserve_c": [], "preserve_floor": [], "files": cfg.lu_files,
+    res["lu"] = {"preserve_python": [], "preserve_c": [], "preserve_floor": [], "preserve_batch": [],
+                 "files": cfg.lu_files,
                  "samples": cfg.lu_samples}
     if only is None or "lu" in only:
         binary = workdir / "c" / "bench"
@@ -569,6 +671,8 @@ def stage1(cfg: Config, out: Path, only: set[str] | None) -> int:
                     elapsed, s = py_lu_preserve(f"bench-py-{k}", cfg.lu_files)
                 elif side == "floor":
                     elapsed, s = py_lu_preserve_floor(f"bench-floor-{k}", cfg.lu_files)
+                elif side == "batch":
+                    elapsed, s = py_lu_preserve_batch(f"bench-batch-{k}", cfg.lu_files)
                 else:
                     elapsed, s = cprog.run(binary, "lu-preserve", f"bench-c-{k}", cfg.lu_files)["lu_preserve"]["ns"][0], None
                 if s is not None:
@@ -594,7 +698,8 @@ def stage2(cfg: Config, out: Path, only: set[str] | None) -> int:
     binary = out.parent / "build" / "c" / "bench"
     if not binary.exists():
         binary, _facts = cprog.build(Path(tempfile.mkdtemp(prefix="pyvfio-lu-bench-")) / "c")
-    res: dict[str, Any] = {"lu": {"retrieve_python": [], "retrieve_c": [], "retrieve_floor": []}, "profiles": {}}
+    res: dict[str, Any] = {"lu": {"retrieve_python": [], "retrieve_c": [], "retrieve_floor": [],
+                                  "retrieve_batch": []}, "profiles": {}}
     _expected(cfg.lu_files), _expected(cfg.profile_lu_files)
     # The first retrievals after a kexec are several times slower for both sides (cold kernel
     # and page-cache state right after boot): the warm-up sessions absorb that, untimed.
@@ -610,6 +715,8 @@ def stage2(cfg: Config, out: Path, only: set[str] | None) -> int:
                 elapsed = py_lu_retrieve(f"bench-py-{k}", cfg.lu_files)
             elif side == "floor":
                 elapsed = py_lu_retrieve_floor(f"bench-floor-{k}", cfg.lu_files)
+            elif side == "batch":
+                elapsed = py_lu_retrieve_batch(f"bench-batch-{k}", cfg.lu_files)
             else:
                 elapsed = cprog.run(binary, "lu-retrieve", f"bench-c-{k}", cfg.lu_files)["lu_retrieve"]["ns"][0]
             res["lu"][f"retrieve_{side}"].append(elapsed)

@@ -14,9 +14,11 @@ from benchmarks import guest, imports, report
 
 PY_ONLY = {"ioctl_get_info_raw", "ioctl_get_info_floor", "ioctl_get_name_raw", "ioctl_get_name_floor",
            "mmio_read32_floor", "python_loop", "dma_map_floor_2097152", "dma_unmap_floor_2097152",
-           "dma_map_floor_4096", "dma_unmap_floor_4096"}
-BOTH = {"ioctl_get_info", "ioctl_get_name", "mmio_read32", "mmio_write32", "calib_fionread",
-        "dma_map_2097152", "dma_unmap_2097152", "dma_map_4096", "dma_unmap_4096"}
+           "dma_map_floor_4096", "dma_unmap_floor_4096", "mmio_read32_memoryview", "mmio_read_block",
+           "mmio_write_block", "dma_map_batch_2097152", "dma_unmap_batch_2097152", "dma_map_batch_4096",
+           "dma_unmap_batch_4096", "dma_map_batch_full", "dma_unmap_batch_full"}
+BOTH = {"ioctl_get_info", "ioctl_get_name", "mmio_read32", "mmio_write32", "calib_fionread", "mmio_poll",
+        "dma_map_2097152", "dma_unmap_2097152", "dma_map_4096", "dma_unmap_4096", "dma_map_full", "dma_unmap_full"}
 
 
 def _check_sample(name: str, sample: dict, repeats: int) -> None:
@@ -34,7 +36,8 @@ def test_benchmarks_smoke(tmp_path):
     assert res["facts"]["c_build"]["warnings"] == "", res["facts"]["c_build"]["warnings"]
     for name in BOTH | PY_ONLY:
         rounds = cfg.dma_big_rounds if name.endswith("2097152") else (
-            cfg.dma_small_rounds if name.endswith("_4096") else cfg.repeats * cfg.alternations)
+            cfg.dma_small_rounds if name.endswith("_4096") else
+            cfg.dma_full_rounds if name.endswith("_full") else cfg.repeats * cfg.alternations)
         _check_sample(f"python {name}", res["python"].get(name), rounds)
         if name in BOTH:
             _check_sample(f"C {name}", res["c"].get(name), rounds)
@@ -46,13 +49,15 @@ def test_benchmarks_smoke(tmp_path):
 
     # the host-side report accepts what the guest produced (the chart is left to the host run)
     results = {"meta": {"timestamp": "smoke", "smoke": True, "command": "pytest", "memory": "?", "git": "?"},
-               "config": {"dma_big_total": cfg.dma_big_total, "dma_small_total": cfg.dma_small_total},
+               "config": {"dma_big_total": cfg.dma_big_total, "dma_small_total": cfg.dma_small_total,
+                          "dma_full_total": cfg.dma_full_total},
                "facts": res["facts"], "guest": {}, "python": res["python"], "c": res["c"], "lu": {},
                "imports": {"host": {}, "guest": res["imports"]}, "profiles": res["profiles"]}
     report.build(results)
     keys = {r["key"] for r in results["rows"]}
     assert {"ioctl_get_info", "ioctl_get_name", "mmio_read32", "dma_2097152_total", "dma_4096_total",
-            "calib_guest"} <= keys
+            "calib_guest", "dma_2097152_batch", "dma_4096_batch", "dma_full_batch", "mmio_read_block",
+            "mmio_write_block", "mmio_poll", "mmio_read32_memoryview"} <= keys
     assert all(r["ratio"] > 0 for r in results["rows"])
     assert "| VFIO_DEVICE_GET_INFO" in report.markdown(results)
     json.dumps(results)
