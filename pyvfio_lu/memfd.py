@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
-from dataclasses import dataclass
+from collections import namedtuple
 
 from .errors import (
     ArgumentOutOfRange,
@@ -45,12 +44,23 @@ class ContentMismatch(PyvfioError, ValueError):
     """A retrieved memfd does not hold what was expected."""
 
 
-@dataclass(frozen=True)
-class MemfdState:
-    size: int
-    position: int
-    seals: int
-    sha256: str
+if TYPE_CHECKING:  # the fields, typed (typing.NamedTuple would cost typing's import at run time)
+    from typing import NamedTuple
+
+    class _MemfdStateFields(NamedTuple):
+        size: int
+        position: int
+        seals: int
+        sha256: str
+else:
+    _MemfdStateFields = namedtuple("MemfdState", "size position seals sha256")
+
+
+class MemfdState(_MemfdStateFields):
+    """What :meth:`Memfd.state` captures: size, file position, seals and the SHA-256 of the
+    contents (a namedtuple: ``dataclasses`` would cost the import several milliseconds)."""
+
+    __slots__ = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"size": self.size, "position": self.position, "seals": self.seals, "sha256": self.sha256}
@@ -184,6 +194,8 @@ class Memfd(OwnedFd):
 
     # --- verification --------------------------------------------------------------------
     def state(self) -> MemfdState:
+        import hashlib  # only here: it costs the import a few milliseconds
+
         return MemfdState(self.size, self.position, self.seals, hashlib.sha256(self.read_all()).hexdigest())
 
     def verify(self, expected: MemfdState | dict[str, Any] | bytes | bytearray | memoryview) -> None:
