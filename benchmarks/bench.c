@@ -21,6 +21,9 @@
  *       create SESSION, preserve FILES memfds; then fork a holder that keeps it open
  *   bench lu-retrieve SESSION FILES
  *       retrieve SESSION, retrieve and verify every memfd, finish
+ *   bench blackout SESSION RAM_BYTES IOVA [device]
+ *       after a kexec: retrieve SESSION, re-map its guest RAM and (with "device") bind its
+ *       device to a new iommufd and DMA once (the blackout; benchmarks/blackout.py's twin)
  *   bench pipe-ioctl ITERS REPEATS
  *       calibration, needs no device: FIONREAD on a pipe (runs on the host too)
  */
@@ -341,6 +344,99 @@ static int cmd_pipe_ioctl(long iters, int repeats)
     return 0;
 }
 
+/* The blackout after a kexec, the C side (benchmarks/blackout.py is the Python one): retrieve
+   SESSION, its guest RAM (token 1) and, with a device, the device (token 2); bind the device
+   to a new iommufd and attach it; map the RAM at IOVA; bus mastering on; one edu DMA from the
+   RAM, polled to completion; FINISH. Without a device the RAM is mapped into this process.
+   Prints CLOCK_MONOTONIC ns at each step as one JSON line. */
+static int cmd_blackout(const char *session, uint64_t ram_bytes, uint64_t iova, int with_device)
+{
+    uint64_t t_main = now_ns(), t_session, t_bound, t_mapped, t_dma, t_finished;
+    int luo = open("/dev/liveupdate", O_RDWR | O_CLOEXEC);
+    if (luo < 0)
+        die("/dev/liveupdate");
+    struct liveupdate_ioctl_retrieve_session ret = { .size = sizeof(ret) };
+    snprintf((char *)ret.name, sizeof(ret.name), "%s", session);
+    if (ioctl(luo, LIVEUPDATE_IOCTL_RETRIEVE_SESSION, &ret) < 0)
+        die("LIVEUPDATE_IOCTL_RETRIEVE_SESSION");
+    close(luo);
+    t_session = now_ns();
+    struct liveupdate_session_retrieve_fd ram = { .size = sizeof(ram), .token = 1 };
+    if (ioctl(ret.fd, LIVEUPDATE_SESSION_RETRIEVE_FD, &ram) < 0)
+        die("LIVEUPDATE_SESSION_RETRIEVE_FD ram");
+    if (!with_device) {
+        volatile char *m = mmap(NULL, ram_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, ram.fd, 0);
+        if (m == MAP_FAILED)
+            die("mmap ram");
+        (void)m[0];
+        t_bound = t_mapped = t_dma = now_ns();
+        munmap((void *)m, ram_bytes);
+    } else {
+        struct liveupdate_session_retrieve_fd devr = { .size = sizeof(devr), .token = 2 };
+        if (ioctl(ret.fd, LIVEUPDATE_SESSION_RETRIEVE_FD, &devr) < 0)
+            die("LIVEUPDATE_SESSION_RETRIEVE_FD device");
+        int dev = devr.fd;
+        int iommufd = open("/dev/iommu", O_RDWR | O_CLOEXEC);
+        if (iommufd < 0)
+            die("/dev/iommu");
+        struct vfio_device_bind_iommufd bind = { .argsz = sizeof(bind), .iommufd = iommufd };
+        if (ioctl(dev, VFIO_DEVICE_BIND_IOMMUFD, &bind) < 0)
+            die("VFIO_DEVICE_BIND_IOMMUFD");
+        struct iommu_ioas_alloc alloc = { .size = sizeof(alloc) };
+        if (ioctl(iommufd, IOMMU_IOAS_ALLOC, &alloc) < 0)
+            die("IOMMU_IOAS_ALLOC");
+        struct vfio_device_attach_iommufd_pt attach = { .argsz = sizeof(attach), .pt_id = alloc.out_ioas_id };
+        if (ioctl(dev, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &attach) < 0)
+            die("VFIO_DEVICE_ATTACH_IOMMUFD_PT");
+        t_bound = now_ns();
+        struct iommu_ioas_map_file map = {
+            .size = sizeof(map), .ioas_id = alloc.out_ioas_id, .fd = ram.fd, .start = 0,
+            .length = ram_bytes, .iova = iova,
+            .flags = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
+        };
+        if (ioctl(iommufd, IOMMU_IOAS_MAP_FILE, &map) < 0)
+            die("IOMMU_IOAS_MAP_FILE");
+        t_mapped = now_ns();
+        struct vfio_region_info cfg = { .argsz = sizeof(cfg), .index = VFIO_PCI_CONFIG_REGION_INDEX };
+        if (ioctl(dev, VFIO_DEVICE_GET_REGION_INFO, &cfg) < 0)
+            die("VFIO_DEVICE_GET_REGION_INFO config");
+        uint16_t cmd;
+        if (pread(dev, &cmd, 2, (off_t)cfg.offset + 4) != 2)
+            die("read PCI_COMMAND");
+        cmd |= 0x4; /* bus master */
+        if (pwrite(dev, &cmd, 2, (off_t)cfg.offset + 4) != 2)
+            die("write PCI_COMMAND");
+        struct vfio_region_info bar0 = { .argsz = sizeof(bar0), .index = VFIO_PCI_BAR0_REGION_INDEX };
+        if (ioctl(dev, VFIO_DEVICE_GET_REGION_INFO, &bar0) < 0)
+            die("VFIO_DEVICE_GET_REGION_INFO BAR0");
+        char *bar = mmap(NULL, bar0.size, PROT_READ | PROT_WRITE, MAP_SHARED, dev, (off_t)bar0.offset);
+        if (bar == MAP_FAILED)
+            die("mmap BAR0");
+        *(volatile uint64_t *)(bar + 0x80) = iova;     /* source: guest RAM */
+        *(volatile uint64_t *)(bar + 0x88) = 0x40000;  /* destination: edu's buffer */
+        *(volatile uint64_t *)(bar + 0x90) = 4095;
+        *(volatile uint64_t *)(bar + 0x98) = 1;        /* start, RAM -> device */
+        uint64_t deadline = now_ns() + 10000000000ull;
+        while (*(volatile uint64_t *)(bar + 0x98) & 1)
+            if (now_ns() >= deadline)
+                die("edu DMA did not complete");
+        t_dma = now_ns();
+        munmap(bar, bar0.size);
+        close(dev);
+        close(iommufd);
+    }
+    if (ioctl(ret.fd, LIVEUPDATE_SESSION_FINISH, &(struct liveupdate_session_finish){ .size = sizeof(struct liveupdate_session_finish) }) < 0)
+        die("LIVEUPDATE_SESSION_FINISH");
+    t_finished = now_ns();
+    printf("{\"main\": %llu, \"session\": %llu, \"bound\": %llu, \"mapped\": %llu, \"dma\": %llu, "
+           "\"finished\": %llu}\n", (unsigned long long)t_main, (unsigned long long)t_session,
+           (unsigned long long)t_bound, (unsigned long long)t_mapped, (unsigned long long)t_dma,
+           (unsigned long long)t_finished);
+    close(ram.fd);
+    close(ret.fd);
+    return 0;
+}
+
 static long num(const char *s)
 {
     char *end;
@@ -377,10 +473,12 @@ int main(int argc, char **argv)
         return cmd_lu_preserve(argv[2], num(argv[3]));
     if (!strcmp(cmd, "lu-retrieve") && argc == 4)
         return cmd_lu_retrieve(argv[2], num(argv[3]));
+    if (!strcmp(cmd, "blackout") && (argc == 5 || argc == 6))
+        return cmd_blackout(argv[2], (uint64_t)num(argv[3]), (uint64_t)num(argv[4]), argc == 6);
     if (!strcmp(cmd, "pipe-ioctl") && argc == 4)
         return cmd_pipe_ioctl(num(argv[2]), repeats_arg(argv[3]));
     fprintf(stderr, "usage: bench device CDEV ITERS_IOCTL ITERS_MMIO REPEATS | getname ITERS REPEATS |\n"
                     "       dma CDEV TOTAL PIECE ROUNDS IOVA | lu-preserve SESSION FILES | lu-retrieve SESSION FILES |\n"
-                    "       pipe-ioctl ITERS REPEATS\n");
+                    "       pipe-ioctl ITERS REPEATS | blackout SESSION RAM_BYTES IOVA [device]\n");
     return 2;
 }

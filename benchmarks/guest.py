@@ -61,6 +61,8 @@ class Config:
     lu_files: int = 500
     lu_samples: int = 5
     import_n: int = 7
+    blackout_samples: int = 5  # per side: each needs an edu device of its own (11 spare ones)
+    blackout_ram: int = 64 << 20
     profile_iters: int = 500
     profile_dma_pieces: int = 1024
     profile_lu_files: int = 200
@@ -71,6 +73,7 @@ SMOKE = Config(ioctl_iters=50, mmio_iters=200, repeats=2, alternations=1,
                dma_big_total=4 << 20, dma_big_rounds=1, dma_small_total=64 << 10, dma_small_rounds=1,
                dma_full_total=1 << 20,
                lu_files=20, lu_samples=1, import_n=1, profile_iters=20, profile_dma_pieces=8,
+               blackout_samples=1, blackout_ram=1 << 20,
                profile_lu_files=8)
 
 
@@ -236,7 +239,7 @@ def py_device(cfg: Config) -> dict[str, dict[str, Any]]:
         out["mmio_write32"] = _time(_loop_write32, n, r, bar)
         out["mmio_read32_floor"] = _time(_loop_read32_floor, n, r, bar._ptr)
         # n // BLOCK block calls of BLOCK accesses each: per-access figures, like C's loop
-        n_block = n - n % BLOCK
+        n_block = max(BLOCK, n - n % BLOCK)
         out["mmio_read_block"] = _time(_loop_read_block, n_block, r, bar, [edu.REG_ID] * BLOCK)
         out["mmio_write_block"] = _time(_loop_write_block, n_block, r, bar, [edu.REG_LIVENESS] * BLOCK,
                                         list(range(BLOCK)))
@@ -505,6 +508,93 @@ def hold(sessions: list[Session | int]) -> int:
     return pid
 
 
+# --- the blackout after the kexec ---------------------------------------------------------------
+BLACKOUT_IOVA = 0x100000  # below edu's 28-bit DMA mask
+BLACKOUT_SIDES = ("python", "c")
+
+
+def _blackout_bdfs() -> list[str]:
+    from pyvfio_lu.vm.qemu import EDU_BDFS
+
+    return [b for b in sorted(EDU_BDFS.values()) if b != EDU_BDF]
+
+
+def blackout_prepare(cfg: Config) -> tuple[dict[str, Any], list[Session]]:
+    """Stage 1: per sample and side, a session ``blackout-<side>-<k>`` holding guest RAM (a
+    memfd, token 1) and, where this kernel preserves devices, an edu device bound to an
+    iommufd (token 2), set up as a VMM leaves them for the kexec."""
+    from pyvfio_lu.luo import LiveUpdate
+    from pyvfio_lu.memfd import Memfd
+    from pyvfio_lu.preservation import can_preserve_devices
+    from pyvfio_lu.sysfs import PciDevice
+    from pyvfio_lu.vfio import VfioDevice
+
+    device = can_preserve_devices()
+    bdfs = _blackout_bdfs()
+    samples = min(cfg.blackout_samples, len(bdfs) // len(BLACKOUT_SIDES)) if device else cfg.blackout_samples
+    plan, sessions = [], []
+    with LiveUpdate() as lu:
+        for k in range(samples):
+            for i, side in enumerate(BLACKOUT_SIDES):
+                name = f"blackout-{side}-{k}"
+                s = lu.create_session(name)
+                with Memfd.create(name, b"guest RAM page".ljust(4096, b"."), size=cfg.blackout_ram) as ram:
+                    s.preserve(ram, 1)
+                bdf = bdfs[k * len(BLACKOUT_SIDES) + i] if device else None
+                if bdf is not None:
+                    PciDevice(bdf).bind_vfio()
+                    with VfioDevice.open(bdf, "iommufd") as dev:
+                        dev.preserve(s, 2)
+                plan.append({"side": side, "k": k, "session": name, "bdf": bdf})
+                sessions.append(s)
+    return {"device": device, "ram": cfg.blackout_ram, "iova": BLACKOUT_IOVA, "plan": plan}, sessions
+
+
+def _spawn_timed(argv: list[str], env: dict[str, str]) -> tuple[int, int, str]:
+    """(ns when the child was started, ns when it had exited, its stdout), CLOCK_MONOTONIC."""
+    import subprocess
+
+    t0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    t1 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv[0]} {' '.join(argv[1:3])}: exit {proc.returncode}: {proc.stderr[-2000:]}")
+    return t0, t1, proc.stdout
+
+
+def blackout_run(prep: dict[str, Any], binary: Path) -> dict[str, Any]:
+    """Stage 2: each sample's fresh process, Python (``python -S blackout.py``, the package
+    and cffi on PYTHONPATH) and C, in alternating order, then the floors (``python -S -c
+    pass`` and ``/bin/true``). The devices are bound to vfio-pci first, untimed: after a
+    kexec the host does that at boot, before any VMM starts."""
+    import _cffi_backend
+
+    from pyvfio_lu.sysfs import PciDevice
+
+    for p in prep["plan"]:
+        if p["bdf"]:
+            PciDevice(p["bdf"]).bind_vfio()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.path.dirname(_cffi_backend.__file__)]))
+    script = str(Path(__file__).resolve().parent / "blackout.py")
+    out: dict[str, Any] = {"python": [], "c": [], "python_floor": [], "c_floor": [], "device": prep["device"]}
+    plan = sorted(prep["plan"], key=lambda p: (p["k"], p["side"] != BLACKOUT_SIDES[p["k"] % 2]))
+    for p in plan:
+        args = [p["session"], str(prep["ram"]), hex(prep["iova"])] + ([p["bdf"]] if p["bdf"] else [])
+        if p["side"] == "python":
+            t0, t1, text = _spawn_timed([sys.executable, "-S", script, *args], env)
+        else:
+            t0, t1, text = _spawn_timed([str(binary), "blackout", *args[:3]] + (["device"] if p["bdf"] else []), env)
+        steps = json.loads(text.strip().splitlines()[-1])
+        out[p["side"]].append({"start": t0, "exit": t1, **steps})
+    for _ in range(len(prep["plan"]) // len(BLACKOUT_SIDES) or 1):
+        t0, t1, _text = _spawn_timed([sys.executable, "-S", "-c", "pass"], env)
+        out["python_floor"].append(t1 - t0)
+        t0, t1, _text = _spawn_timed(["/bin/true"], env)
+        out["c_floor"].append(t1 - t0)
+    return out
+
+
 # --- profiles --------------------------------------------------------------------------------
 def _profile(fn: Callable[..., object], *args: Any, iters: int = 1, top: int = 10) -> dict[str, Any]:
     prof = cProfile.Profile()
@@ -656,10 +746,16 @@ def stage1(cfg: Config, out: Path, only: set[str] | None) -> int:
     res["lu"] = {"preserve_python": [], "preserve_c": [], "preserve_floor": [], "preserve_batch": [],
                  "files": cfg.lu_files,
                  "samples": cfg.lu_samples}
+    sessions: list[Session | int] = []
+    if only is None or "blackout" in only:
+        print(f"bench: blackout: {cfg.blackout_samples} sessions per side of guest RAM (and a device where the "
+              "kernel preserves devices), for fresh processes after the kexec", flush=True)
+        res["blackout_prep"], held = blackout_prepare(cfg)
+        sessions += held
     if only is None or "lu" in only:
         binary = workdir / "c" / "bench"
         print(f"bench: live update warm-up: sessions bench-warm-py/-c of {cfg.lu_files} memfds (untimed)", flush=True)
-        sessions: list[Session | int] = [py_lu_preserve("bench-warm-py", cfg.lu_files)[1]]
+        sessions.append(py_lu_preserve("bench-warm-py", cfg.lu_files)[1])
         cprog.run(binary, "lu-preserve", "bench-warm-c", cfg.lu_files)
         for k in range(cfg.lu_samples):
             order = _lu_order(k)
@@ -686,6 +782,7 @@ def stage1(cfg: Config, out: Path, only: set[str] | None) -> int:
 
             res["profiles"]["lu_preserve"] = _profile(preserve, iters=cfg.profile_lu_files)
             sessions.append(prof["s"])
+    if sessions:
         res["lu"]["holder_pid"] = hold(sessions)
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"bench: stage 1 results in {out}", flush=True)
@@ -700,6 +797,17 @@ def stage2(cfg: Config, out: Path, only: set[str] | None) -> int:
         binary, _facts = cprog.build(Path(tempfile.mkdtemp(prefix="pyvfio-lu-bench-")) / "c")
     res: dict[str, Any] = {"lu": {"retrieve_python": [], "retrieve_c": [], "retrieve_floor": [],
                                   "retrieve_batch": []}, "profiles": {}}
+    if only is None or "blackout" in only:
+        # first, as after a real live update: the VMM's restart is the first thing that runs
+        prep = json.loads((out.parent / "bench-stage-1.json").read_text()).get("blackout_prep")
+        if prep:
+            print(f"bench: blackout: {len(prep['plan'])} fresh processes (Python and C alternating), then the floors",
+                  flush=True)
+            res["blackout"] = blackout_run(prep, binary)
+    if only is not None and "lu" not in only:
+        out.write_text(json.dumps(res, indent=1) + "\n")
+        print(f"bench: stage 2 results in {out}", flush=True)
+        return 0
     _expected(cfg.lu_files), _expected(cfg.profile_lu_files)
     # The first retrievals after a kexec are several times slower for both sides (cold kernel
     # and page-cache state right after boot): the warm-up sessions absorb that, untimed.

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-GROUPS = ("import", "ioctl", "mmio", "dma", "lu", "profile")
+GROUPS = ("import", "ioctl", "mmio", "dma", "lu", "blackout", "profile")
 GUEST_MEMORY = "4G"  # 1 GiB is DMA-mapped (and pinned) at a time
 
 
@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", type=Path, metavar="RUN",
                         help="a previous run's directory (or results.json): results.md gains a before/after section")
     parser.add_argument("--iommu", choices=["intel", "virtio"], default="intel")
+    parser.add_argument("--flavour", choices=["upstream", "vfio-lu"],
+                        help="the kernel to boot (default: the device-preservation kernel when it is cached, so "
+                             "the blackout includes the device; else upstream, where it is guest RAM only)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="guest time limit in seconds")
     parser.add_argument("--results-dir", type=Path, help="default: results/bench/<timestamp>")
     parser.add_argument("-q", "--quiet", action="store_true", help="do not echo the benchmark's progress lines")
@@ -94,13 +97,18 @@ def main(argv: list[str] | None = None) -> int:
         host_py = {f"host_{k}": v for k, v in calib_py.items()}
         host_c = {f"host_{k}": v for k, v in calib_c.items()}
 
-    with_lu = only is None or "lu" in only
+    with_lu = only is None or "lu" in only or "blackout" in only  # both need the kexec
     stage1 = _stage_command(1, args.smoke, only, args.pythonpath)
     stage2 = _stage_command(2, args.smoke, only, args.pythonpath) if with_lu else None
     guest_error = None
     try:
+        from pyvfio_lu.vm.kernel import VFIO_LU, find_cached
+        from pyvfio_lu.vm.kernel import build as build_kernel
+
+        flavour = args.flavour or ("vfio-lu" if find_cached(VFIO_LU) is not None else "upstream")
+        print(f"bench: guest kernel: {flavour}", flush=True)
         run = run_in_guest(stage1, stage2, results_dir=out, cwd=ROOT, memory=GUEST_MEMORY, iommu=args.iommu,
-                           timeout=args.timeout, on_line=echo)
+                           timeout=args.timeout, on_line=echo, kernel=build_kernel(flavour=flavour).bzimage)
         guest = run.to_json()
         if not run.ok:
             guest_error = f"a guest stage failed: {guest['stage_rc']} (console: {run.console_log})"
@@ -122,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": {**s1.get("python", {}), **host_py},
         "c": {**s1.get("c", {}), **host_c},
         "lu": lu,
+        "blackout": s2.get("blackout", {}),
         "imports": {"host": host_imports, "guest": s1.get("imports", {})},
         "profiles": {**s1.get("profiles", {}), **s2.get("profiles", {})},
     }
