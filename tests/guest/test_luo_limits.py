@@ -7,7 +7,9 @@ nothing lost.
   all, then ENOSPC (:class:`SessionLimitReached`).
 - Files in one session: 10,000 blocks of 63 files, 630,000, then ENOSPC (:class:`SessionFull`).
 
-The last two need minutes and gigabytes under TCG, so they run in the long run only
+The last two need hours and gigabytes under TCG (LUO compares a new session's name with every
+session's and a new token with every token of the session, so filling either is quadratic:
+about 2.5 h and 1.6 h measured under TCG), so they run in the long run only
 (``scripts/long-tests``, which boots the guest with 8 GiB and sets ``PYVFIO_LU_LONG=1``).
 Each checks that the refused call changed nothing: the refused name or token is not recorded
 (asking again gives the same refusal, not "exists"), everything before it is still there, and
@@ -27,7 +29,7 @@ from pyvfio_lu.luo import kernel_limits
 from pyvfio_lu.memfd import Memfd
 
 LONG = os.environ.get("PYVFIO_LU_LONG") == "1"
-long_run = pytest.mark.skipif(not LONG, reason="a long run (minutes, 8 GiB guest): scripts/long-tests runs it")
+long_run = pytest.mark.skipif(not LONG, reason="a long run (hours under TCG, 8 GiB guest): scripts/long-tests runs it")
 
 
 def _open_fds() -> list[int]:
