@@ -46,13 +46,13 @@ def main(argv: list[str]) -> int:
         t["mapped"] = t["dma"] = _now(_MONO)
         m.close()
     else:
-        from pyvfio_lu.iommu import Iommu
         from pyvfio_lu.vfio import VfioDevice
 
         t["imported"] = _now(_MONO)
-        iommu = Iommu("iommufd")
-        dev = VfioDevice.from_fd(session.retrieve(2).detach(), iommu=iommu, owned=True)
+        dev = VfioDevice.from_fd(session.retrieve(2).detach(), iommu="iommufd", owned=True)  # a new iommufd
         t["bound"] = _now(_MONO)
+        iommu = dev.iommu
+        assert iommu is not None
         iommu.map_file(ram, iova, size=ram_bytes)
         t["mapped"] = _now(_MONO)
         dev.enable_bus_master()
@@ -63,6 +63,10 @@ def main(argv: list[str]) -> int:
         t["dma"] = _now(_MONO)
     session.finish()
     t["finished"] = _now(_MONO)
+    if bdf is not None:
+        dev.close()  # unmaps, closes the iommufd it owns (after the timed part: a VMM keeps them)
+    ram.close()
+    session.close()
     print("{" + ", ".join(f'"{k}": {v}' for k, v in t.items()) + "}", flush=True)  # json costs an import
     return 0
 

@@ -193,24 +193,44 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
         return cls(fd, iommu=iommu, bdf=pci.bdf, cdev=False, bound=True, owns_iommu=owns, group_fd=gfd, path=path)
 
     @classmethod
-    def from_fd(cls, fd: int, *, iommu: Iommu | None = None, bdf: str | None = None, owned: bool = True,
+    def from_fd(cls, fd: int, *, iommu: Iommu | str | None = None, bdf: str | None = None, owned: bool = True,
                 bound: bool = False, attach: bool = True) -> VfioDevice:
         """Wrap a VFIO device fd that was opened elsewhere (or retrieved from a LUO session).
 
-        With ``iommu`` (iommufd mode) and ``bound=False`` the fd is bound to it (and
-        attached to its IOAS when ``attach``). The fd is closed on close() only if
-        ``owned``; the Iommu is never closed by the device.
+        With ``iommu`` and ``bound=False`` the fd is bound to it (and attached to its IOAS
+        when ``attach``): an :class:`Iommu` in iommufd mode (never closed by the device), or
+        the mode name ``"iommufd"`` for a new one that the device owns and closes. The fd is
+        closed on close() only if ``owned``.
         """
         kind, link = fd_kind(fd)
         if kind is not FdKind.VFIO_DEVICE:
             raise InvalidArgument(errno.EBADF, "VfioDevice.from_fd", f"fd {fd}", f"not a VFIO device fd ({link})")
         cdev = not link.startswith("anon_inode:[vfio-device]")
         bdf = parse_bdf(bdf) if bdf else bdf_of_fd(fd, link)
-        dev = cls(fd, iommu=iommu, bdf=bdf, cdev=cdev, bound=bound or not cdev, owned=owned, path=link)
+        owns_iommu = isinstance(iommu, str)
+        if owns_iommu:
+            if iommu != "iommufd":
+                raise InvalidArgument(errno.EINVAL, "VfioDevice.from_fd", f"fd {fd}",
+                                      f"a device fd binds to an iommufd: iommu='iommufd' or an Iommu, not {iommu!r}")
+            iommu = Iommu("iommufd")
+        assert not isinstance(iommu, str)  # narrowed above
+        if iommu is not None and cdev and not bound and iommu.ioas_id is None:
+            if owns_iommu:
+                iommu.close()
+            raise InvalidArgument(errno.EINVAL, "VfioDevice.from_fd", f"fd {fd}",
+                                  f"a device fd binds to an iommufd with an IOAS, not to a {iommu.mode} container")
+        dev = cls(fd, iommu=iommu, bdf=bdf, cdev=cdev, bound=bound or not cdev, owned=owned, path=link,
+                  owns_iommu=owns_iommu)
         if iommu is not None and cdev and not bound:
-            dev.bind(iommu)
-            if attach:  # ioas_id is None for an iommufd_compat_* Iommu: cffi's TypeError, left as it was
-                dev.attach(iommu.ioas_id)  # type: ignore[arg-type]
+            try:
+                dev.bind(iommu)
+                if attach and iommu.ioas_id is not None:
+                    dev.attach(iommu.ioas_id)
+            except BaseException:
+                dev._fd.detach()  # a failed wrap leaves the caller's fd open, and theirs
+                if owns_iommu:
+                    iommu.close()
+                raise
         return dev
 
     # --- plumbing ---------------------------------------------------------------------------

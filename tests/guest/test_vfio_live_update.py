@@ -14,7 +14,7 @@ import os
 import pytest
 
 from pyvfio_lu import edu, errors, ledger
-from pyvfio_lu.iommu import PAGE, Iommu
+from pyvfio_lu.iommu import PAGE
 from pyvfio_lu.memfd import Memfd
 from pyvfio_lu.preservation import can_preserve_devices
 from pyvfio_lu.sysfs import PciDevice
@@ -62,8 +62,7 @@ class TestDeviceAndRamAcrossKexec:
             expected = bytes.fromhex(carry["sha_page1"])
             assert os.pread(ram.fileno(), edu.DMA_MAX, PAGE) == expected  # written by DMA before the kexec
             if carry["device_preserved"]:
-                dev = VfioDevice.from_fd(s.retrieve(2).detach(), iommu=Iommu("iommufd"), owned=True)
-                dev._owns_iommu = True
+                dev = VfioDevice.from_fd(s.retrieve(2).detach(), iommu="iommufd", owned=True)  # a new iommufd
             else:
                 dev = VfioDevice.open(EDU_BDF, "iommufd")  # a new iommufd, bind, attach
             with dev:
