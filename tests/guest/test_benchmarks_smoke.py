@@ -18,7 +18,8 @@ PY_ONLY = {"ioctl_get_info_raw", "ioctl_get_info_floor", "ioctl_get_name_raw", "
            "mmio_write_block", "dma_map_batch_2097152", "dma_unmap_batch_2097152", "dma_map_batch_4096",
            "dma_unmap_batch_4096", "dma_map_batch_full", "dma_unmap_batch_full"}
 BOTH = {"ioctl_get_info", "ioctl_get_name", "mmio_read32", "mmio_write32", "calib_fionread", "mmio_poll",
-        "dma_map_2097152", "dma_unmap_2097152", "dma_map_4096", "dma_unmap_4096", "dma_map_full", "dma_unmap_full"}
+        "dma_map_2097152", "dma_unmap_2097152", "dma_map_4096", "dma_unmap_4096"}
+C_ONLY = {"dma_map_full", "dma_unmap_full"}  # the full 1 GiB in 4 KiB pieces: Python maps it only in batch
 
 
 def _check_sample(name: str, sample: dict, repeats: int) -> None:
@@ -34,7 +35,7 @@ def test_benchmarks_smoke(tmp_path):
 
     assert (tmp_path / "c" / "bench").exists()
     assert res["facts"]["c_build"]["warnings"] == "", res["facts"]["c_build"]["warnings"]
-    for name in BOTH | PY_ONLY:
+    for name in BOTH | PY_ONLY:  # Python's samples (and C's where C has the same)
         rounds = cfg.dma_big_rounds if name.endswith("2097152") else (
             cfg.dma_small_rounds if name.endswith("_4096") else
             cfg.dma_full_rounds if name.endswith("_full") else cfg.repeats * cfg.alternations)
@@ -42,6 +43,10 @@ def test_benchmarks_smoke(tmp_path):
         if name in BOTH:
             _check_sample(f"C {name}", res["c"].get(name), rounds)
             assert res["c"][name]["iters"] == res["python"][name]["iters"], name
+    for name in C_ONLY:
+        _check_sample(f"C {name}", res["c"].get(name), cfg.dma_full_rounds)
+        batch = res["python"].get(name.replace("_full", "_batch_full"))
+        assert batch is not None and res["c"][name]["iters"] == batch["iters"], name
     assert set(res["imports"]) == set(imports.MODULES)
     for module, m in res["imports"].items():
         assert m["best_ns"] > 0 and len(m["wall_ns"]) == cfg.import_n, module
