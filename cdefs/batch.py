@@ -195,11 +195,21 @@ static size_t pvl_check_pieces(uint64_t base, uint64_t buflen, uint64_t page, si
     return n;
 }
 
+/* The index of the first value that does not fit `width` bytes, or n. */
+static size_t pvl_values_fit(unsigned int width, size_t n, const uint64_t *values)
+{
+    size_t i;
+    if (width >= 8)
+        return n;
+    for (i = 0; i < n; i++)
+        if (values[i] >> (8 * width))
+            return i;
+    return n;
+}
+
 /* Checks a block of offsets against a BAR of `size` bytes: the index of the first offset
    that is out of bounds or not `width`-aligned, or n when all are good. */
-static size_t pvl_check_pieces(uint64_t base, uint64_t buflen, uint64_t page, size_t n, const uint64_t *offset,
-                        const uint64_t *iova, const uint64_t *size);
-size_t pvl_mmio_check_block(uint64_t size, unsigned int width, size_t n, const uint64_t *offsets)
+static size_t pvl_mmio_check_block(uint64_t size, unsigned int width, size_t n, const uint64_t *offsets)
 {
     size_t i;
     for (i = 0; i < n; i++)
@@ -263,6 +273,7 @@ void pvl_mmio_write_block(void *base, unsigned int width, size_t n, const uint64
                           const uint64_t *values);
 size_t pvl_check_pieces(uint64_t base, uint64_t buflen, uint64_t page, size_t n, const uint64_t *offset,
                         const uint64_t *iova, const uint64_t *size);
+size_t pvl_values_fit(unsigned int width, size_t n, const uint64_t *values);
 size_t pvl_mmio_check_block(uint64_t size, unsigned int width, size_t n, const uint64_t *offsets);
 int pvl_mmio_poll(void *base, unsigned int width, uint64_t off, uint64_t mask, uint64_t want,
                   int64_t timeout_ns, uint64_t *last, uint64_t *reads);

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 
 from .._cffi import ffi, lib
-from ..errors import ArgumentOutOfRange, InvalidArgument, RegisterTimeout, check_int, check_sequence
+from ..errors import ArgumentOutOfRange, BadArgumentType, InvalidArgument, RegisterTimeout, check_int, check_sequence
 from .records import RegionInfo, SparseArea
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
@@ -114,10 +114,12 @@ class Bar:
         """(n, uint64_t[] of offsets), every offset checked against the BAR first."""
         if type(width) is not int or width not in _READ:
             raise InvalidArgument(errno.EINVAL, what, self.device.name, f"width {width!r} is not 1, 2, 4 or 8 bytes")
-        if not isinstance(offsets, (list, tuple)):
-            offsets = _list_of(offsets, "offsets", what, self.device.name)
+        arr = _u64_buffer(offsets)
+        if arr is None:
+            if not isinstance(offsets, (list, tuple)):
+                offsets = _list_of(offsets, "offsets", what, self.device.name)
+            arr = _u64_array(offsets, "offset", what, self.device.name)
         n = len(offsets)
-        arr = _u64_array(offsets, "offset", what, self.device.name)
         bad = lib.pvl_mmio_check_block(self.size, width, n, arr)
         if bad < n:
             raise ArgumentOutOfRange(errno.EINVAL, what, self.device.name,
@@ -125,18 +127,37 @@ class Bar:
                                      f"BAR or not {width}-byte aligned; nothing was accessed")
         return n, arr
 
-    def read_block(self, offsets: Any, width: int = 4) -> list[int]:
-        """The register of ``width`` bytes at each of ``offsets`` (a list, tuple or range),
-        read in that order with one volatile access each, the loop in C. Every offset is
-        checked first (in the BAR, aligned): ArgumentOutOfRange naming the first bad one,
-        and nothing is read."""
+    def read_block(self, offsets: Any, width: int = 4, out: Any = None) -> Any:
+        """The register of ``width`` bytes at each of ``offsets``, read in that order with one
+        volatile access each, the loop in C; a list of ints. Every offset is checked first
+        (in the BAR, aligned): ArgumentOutOfRange naming the first bad one, and nothing is
+        read.
+
+        ``offsets`` is a list, tuple or range, or, for the lean path, an ``array('Q')`` (any
+        buffer of native uint64), used in place. With ``out`` (such a buffer, writable, at
+        least as long) the values are written there and ``out`` is returned: no Python
+        object per register, so a block prepared once costs a few calls, not one per access."""
         what = f"BAR{self.info.index} block read"
         n, arr = self._offsets(offsets, width, what)
+        dest = None
+        if out is not None:
+            dest = _u64_buffer(out, writable=True)
+            if dest is None or len(out) < n:
+                raise BadArgumentType(errno.EINVAL, what, self.device.name,
+                                      f"out must be a writable array('Q') (native uint64) of at least {n} items")
         if self._ptr is None:  # not mapped in one piece: the general path, one by one
-            return [self.read(int(o), width) for o in ffi.unpack(arr, n)]
-        out = ffi.new("uint64_t[]", n or 1)
-        lib.pvl_mmio_read_block(self._ptr, width, n, arr, out)
-        values: list[int] = ffi.unpack(out, n)
+            got = [self.read(int(o), width) for o in ffi.unpack(arr, n)]
+            if dest is None:
+                return got
+            for i, v in enumerate(got):
+                dest[i] = v
+            return out
+        if dest is not None:
+            lib.pvl_mmio_read_block(self._ptr, width, n, arr, dest)
+            return out
+        buf = ffi.new("uint64_t[]", n or 1)
+        lib.pvl_mmio_read_block(self._ptr, width, n, arr, buf)
+        values: list[int] = ffi.unpack(buf, n)
         return values
 
     def write_block(self, offsets: Any, values: Any, width: int = 4) -> None:
@@ -146,13 +167,17 @@ class Bar:
         written when one is bad."""
         what = f"BAR{self.info.index} block write"
         n, arr = self._offsets(offsets, width, what)
-        if not isinstance(values, (list, tuple)):
-            values = _list_of(values, "values", what, self.device.name)
-        if len(values) != n:
+        vals = _u64_buffer(values)
+        if vals is None:
+            if not isinstance(values, (list, tuple)):
+                values = _list_of(values, "values", what, self.device.name)
+            if len(values) != n:
+                raise InvalidArgument(errno.EINVAL, what, self.device.name, f"{n} offsets but {len(values)} values")
+            vals = _u64_array(values, "value", what, self.device.name)
+        elif len(values) != n:
             raise InvalidArgument(errno.EINVAL, what, self.device.name, f"{n} offsets but {len(values)} values")
-        vals = _u64_array(values, "value", what, self.device.name)
-        if n and (max(values) >> (8 * width) or min(values) < 0):
-            i = next(i for i, v in enumerate(values) if v < 0 or v >> (8 * width))
+        i = lib.pvl_values_fit(width, n, vals)
+        if i < n:
             raise ArgumentOutOfRange(errno.EINVAL, what, self.device.name,
                                      f"value {values[i]:#x} (item {i}) does not fit {width} bytes; nothing was written")
         if self._ptr is None:
@@ -247,6 +272,21 @@ def _fast_write32(ptr: Any, size: int, slow: Callable[[int, int, int], None]) ->
 
 def _list_of(values: Any, what: str, operation: str, target: str) -> list[Any] | tuple[Any, ...]:
     return check_sequence(values, what, operation, target)
+
+
+def _u64_buffer(values: Any, writable: bool = False) -> Any:
+    """``values`` as a ``uint64_t[]`` over its own memory when it is a buffer of native
+    uint64 (``array('Q')``, a memoryview of format ``Q``); None for anything else."""
+    if isinstance(values, (list, tuple, range, str, bytes)):
+        return None
+    try:
+        view = memoryview(values)
+    except TypeError:
+        return None
+    with view:
+        ok = (view.itemsize == 8 and view.format in ("Q", "L") and view.c_contiguous
+              and not (writable and view.readonly))
+    return ffi.from_buffer("uint64_t[]", values, require_writable=writable) if ok else None
 
 
 def _u64_array(values: Any, what: str, operation: str, target: str) -> Any:

@@ -6,6 +6,7 @@ element and leaves what came before it done, recorded and consistent with the ke
 from __future__ import annotations
 
 import os
+from array import array
 
 import pytest
 
@@ -121,6 +122,16 @@ def test_read_block_and_write_block_are_exact_width_accesses(dev):
     assert bar.read_block([edu.REG_DMA_SRC], width=8) == [bar.read64(edu.REG_DMA_SRC)]
     # edu answers only 4-byte accesses below 0x80: a narrow block read really is narrow
     assert bar.read_block([edu.REG_ID], width=1) != [0xED]
+    # the lean path: offsets and results in native uint64 arrays, used in place
+    offsets, out = array("Q", [edu.REG_ID, edu.REG_LIVENESS] * 128), array("Q", bytes(8 * 256))
+    assert bar.read_block(offsets, out=out) is out
+    assert list(out[:2]) == [edu.ID, 0xEDCBA987]
+    bar.write_block(array("Q", [edu.REG_LIVENESS]), array("Q", [0x0F0F0F0F]))
+    assert bar.read32(edu.REG_LIVENESS) == 0xF0F0F0F0
+    with pytest.raises(errors.BadArgumentType):
+        bar.read_block(offsets, out=array("Q", bytes(8 * 10)))  # too short: nothing read
+    with pytest.raises(errors.ArgumentOutOfRange, match="item 1"):
+        bar.write_block(array("Q", [edu.REG_LIVENESS] * 2), array("Q", [1, 1 << 32]))
 
 
 def test_block_access_checks_every_offset_first(dev):

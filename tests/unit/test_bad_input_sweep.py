@@ -11,6 +11,7 @@ named too. What the calls do with *good* values is proven in the guest."""
 from __future__ import annotations
 
 import os
+from array import array
 
 import pytest
 
@@ -128,6 +129,8 @@ def _rows():
         ("Bar.read_block(offsets)", lambda o, v: o["bar"].read_block(v),
          [None, 5, ["0"], [-4], [4096], [2], [0, 4094], [2**64]]),
         ("Bar.read_block(width)", lambda o, v: o["bar"].read_block([0], v), [*BAD_INTS, 3, 0, 16]),
+        ("Bar.read_block(out)", lambda o, v: o["bar"].read_block([0, 4], out=v),
+         [5, [0, 0], bytearray(16), array("I", [0, 0]), array("Q", [0]), bytes(16)]),
         ("Bar.write_block(values)", lambda o, v: o["bar"].write_block([0], v),
          [None, 5, ["1"], [-1], [2**32], [1, 2], []]),
         ("Bar.poll(offset)", lambda o, v: o["bar"].poll(v, 1, 1, 0), [*BAD_INTS, 4096, 2]),
