@@ -287,9 +287,12 @@ def check_image(kernel: str, initrd: str | None = None, cmdline: str | None = No
     return report
 
 
-def execute_later(delay: float = 1.0, report: str | None = None) -> int:
-    """Reboot into the loaded kernel ``delay`` seconds from now, from a detached process, and
-    return its pid at once (for a remote caller whose connection the reboot would cut).
+def execute_later(delay: float = 1.0, report: str | None = None, after_exit_of: int | None = None,
+                  wait_limit: float = 60.0) -> int:
+    """Reboot into the loaded kernel from a detached process, and return its pid at once (for a
+    remote caller whose connection the reboot would cut): ``delay`` seconds after process
+    ``after_exit_of`` (typically the caller itself) has exited, or after ``wait_limit`` seconds
+    if it has not; without ``after_exit_of``, ``delay`` seconds from now.
 
     The process leaves the caller's session and closes every fd it inherited (so the caller's
     connection can end); if the kexec is refused it writes ``{"ok": false, "error": class name,
@@ -314,6 +317,10 @@ def execute_later(delay: float = 1.0, report: str | None = None) -> int:
             os.closerange(3, os.sysconf("SC_OPEN_MAX"))
             import time
 
+            if after_exit_of is not None:
+                give_up = time.monotonic() + wait_limit
+                while os.path.exists(f"/proc/{after_exit_of}") and time.monotonic() < give_up:
+                    time.sleep(0.05)
             time.sleep(delay)
             os.sync()
             try:

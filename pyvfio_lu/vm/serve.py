@@ -141,7 +141,7 @@ rc=$?
 echo "$rc" > "/shared/stage-$stage.rc"
 echo "pyvfio-lu: stage $stage command rc=$rc"
 echo "pyvfio-lu: serving stage=$stage"
-while [ ! -e /shared/poweroff ]; do sleep 0.5; done
+while [ ! -e /shared/poweroff ]; do sleep 1; done
 exit "$rc"
 """
 

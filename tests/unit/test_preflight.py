@@ -293,3 +293,41 @@ def test_came_in_marks_finished_sessions(tmp_path: Path, monkeypatch: pytest.Mon
     ledger.mark_finished("vm-a")
     assert ledger.came_in() == {"vm-a": {"files": {}, "finished": True}, "vm-b": {"files": {}, "finished": False}}
     assert set(ledger.incoming()) == {"vm-b"}
+
+
+# --- the detached reboot -------------------------------------------------------------------------
+def test_execute_later_needs_a_loaded_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kexec, "loaded", lambda: False)
+    with pytest.raises(kexec.KexecError, match="no kexec kernel is loaded"):
+        kexec.execute_later(0.0)
+
+
+def test_execute_later_waits_for_the_caller_then_reports_a_refusal(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import time
+
+    from pyvfio_lu.errors import KexecRefused
+
+    calls = tmp_path / "calls"
+
+    def refused() -> None:  # runs in the detached process, in place of reboot(RB_KEXEC)
+        calls.write_text(str(time.monotonic()))
+        raise KexecRefused(16, "reboot(RB_KEXEC)", "the loaded kexec kernel")
+
+    monkeypatch.setattr(kexec, "loaded", lambda: True)
+    monkeypatch.setattr(kexec, "execute", refused)
+    caller = subprocess.Popen(["sleep", "0.5"])
+    report = tmp_path / "report.json"
+    t0 = time.monotonic()
+    pid = kexec.execute_later(0.2, str(report), after_exit_of=caller.pid)
+    assert pid > 0 and pid != os.getpid()
+    caller.wait()
+    deadline = time.monotonic() + 10
+    while not report.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    import json
+
+    doc = json.loads(report.read_text())
+    assert doc["error"] == "KexecRefused" and doc["errno"] == 16 and not doc["ok"]
+    assert float(calls.read_text()) - t0 >= 0.5  # not before the caller had gone and the delay passed
