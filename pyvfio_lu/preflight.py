@@ -113,8 +113,8 @@ def check_devices(bdfs: list[str], require_preserved: bool = True, *, sysfs: str
             problems.append(("NotLiveUpdateReady", f"in {state}, not D0: the kexec would be refused"))
         if require_preserved and not held:
             problems.append(("NotLiveUpdateReady", "not preserved in any held session (no ledger names it)"))
-        detail = (f"{bdf}: " + ("; ".join(t for _e, t in problems) if problems else
-                  f"vfio-pci, {cdev}, {how}, no IRQs, {state or 'D0'}"))
+        detail = ("; ".join(t for _e, t in problems) if problems else
+                  f"vfio-pci, {cdev}, {how}, no IRQs, {state or 'D0'}")
         out.append(_check(f"device {bdf}", not problems, detail, problems[0][0] if problems else None,
                           bdf=bdf, driver=driver, cdev=cdev, irqs=irqs, power_state=state,
                           preserved=held))
