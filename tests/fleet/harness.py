@@ -180,6 +180,24 @@ control_path_dir = {self.control_dir}
                     continue
         return out
 
+    def control(self, host: str, command: str, timeout: float = 120.0) -> dict:
+        """Tell the host's background VMM (tests/fleet/vmm.py) ``command`` and wait for its answer."""
+        self._commands = getattr(self, "_commands", 0) + 1
+        line = f"{self._commands} {command}"
+        path = self.results / host / "vmm-control"
+        path.write_text(line + "\n")
+        done = self.results / host / "vmm-control.done"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                answer = json.loads(done.read_text())
+                if answer.get("command") == line:
+                    return answer
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"{host}: the VMM did not answer {line!r} within {timeout:.0f} s")
+
     def vmm_report(self, host: str, stage: int) -> dict | None:
         path = self.results / host / f"vmm-stage-{stage}.json"
         return json.loads(path.read_text()) if path.exists() else None

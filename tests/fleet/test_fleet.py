@@ -6,12 +6,13 @@ its stand-in VMM. The example playbook (serial 1, the first failure stops the ro
 
 1. rollout-1: every host live-updates; each host's live update number is 1 and its VMM found
    its RAM intact after the kexec (and took the device back);
-2. rollout-2: fleet-b is given a next initramfs larger than its memory, so its preflight fails
-   (KexecImageTooLarge, read-only): fleet-a live-updates a second time, fleet-b is refused
-   before anything changes and fleet-c is never reached; both keep their boot, their number
-   and their held session;
-3. rollout-3 (fleet-b and fleet-c, the broken initramfs gone): both live-update and their VMMs
-   find the RAM of their first boot intact: nothing was lost anywhere.
+2. rollout-2: fleet-b's preflight is made to fail - on a kernel that preserves devices its VMM
+   enables the preserved device's interrupt (NotLiveUpdateReady: the kernel would refuse the
+   kexec), elsewhere it is given a next initramfs larger than its memory (KexecImageTooLarge):
+   fleet-a live-updates a second time, fleet-b is refused before anything changes and fleet-c
+   is never reached; both keep their boot, their number and their held session;
+3. rollout-3 (fleet-b and fleet-c, the interrupt off again or the initramfs fixed): both
+   live-update and their VMMs find the RAM of their first boot intact: nothing was lost anywhere.
 
 Each check is one test, by name (``test_fleet[upstream-rollout-1-fleet-a-data]``). Runs on each
 kernel flavour the guest suite runs on (``PYVFIO_LU_FLEET_FLAVOURS`` to choose); skipped only
@@ -52,9 +53,10 @@ FLAVOURS = _flavours()
 CHECKS = (
     [f"rollout-1-{h}-{c}" for h in HOSTS for c in ("live-update-number", "data", "timings")]
     + ["rollout-1-completed"]
-    + ["rollout-2-fleet-a-live-update-number", "rollout-2-fleet-a-data",
+    + [f"rollout-2-{BROKEN}-device-irq-on", "rollout-2-fleet-a-live-update-number", "rollout-2-fleet-a-data",
        f"rollout-2-{BROKEN}-preflight-refused", f"rollout-2-{BROKEN}-untouched",
-       "rollout-2-fleet-c-not-reached", "rollout-2-fleet-c-untouched", "rollout-2-stopped"]
+       "rollout-2-fleet-c-not-reached", "rollout-2-fleet-c-untouched", "rollout-2-stopped",
+       f"rollout-2-{BROKEN}-device-irq-off"]
     + [f"rollout-3-{h}-{c}" for h in ("fleet-b", "fleet-c") for c in ("live-update-number", "data")]
     + [f"{h}-device" for h in HOSTS]
     + ["guests-powered-off-cleanly"]
@@ -108,21 +110,32 @@ def _run(flavour: str) -> dict:
                                                                         "reconnect", "verify", "total")), timings)
         check("rollout-1-completed", r1["rc"] == 0, f"ansible-playbook rc={r1['rc']}, see {r1['log']}")
 
-        # 2. fleet-b cannot take the image: refused before anything changes, fleet-c never reached
+        # 2. fleet-b is not ready: refused before anything changes, fleet-c never reached
         before = fleet.facts()
         run["facts-before-2"] = before
-        huge = results / BROKEN / "huge-initrd"  # sparse; larger than the guest's memory
-        with open(huge, "wb") as fh:
-            fh.truncate(2 << 30)
-        r2 = fleet.rollout("rollout-2", {"live_update_cmdline_set": {"pyvfio_lu.stage": "3"}},
-                           host_vars={BROKEN: {"live_update_initrd": "/shared/huge-initrd"}})
+        devices = bool((fleet.vmm_report(BROKEN, 2) or {}).get("device_preservation"))  # as the guest found
+        if devices:  # its VMM turns the preserved device's interrupt on: the kexec would be refused
+            answer = fleet.control(BROKEN, "irq-on")
+            check(f"rollout-2-{BROKEN}-device-irq-on", answer["result"] == "ok", answer)
+            expected_error, host_vars = "NotLiveUpdateReady", None
+        else:  # the next initramfs cannot fit: sparse, larger than the guest's memory
+            huge = results / BROKEN / "huge-initrd"
+            with open(huge, "wb") as fh:
+                fh.truncate(2 << 30)
+            expected_error, host_vars = "KexecImageTooLarge", {BROKEN: {"live_update_initrd": "/shared/huge-initrd"}}
+            for what in ("on", "off"):
+                check(f"rollout-2-{BROKEN}-device-irq-{what}", True, "skip: this kernel cannot preserve VFIO devices "
+                      "(fleet-b's preflight is failed with an initramfs too large instead)")
+        r2 = fleet.rollout("rollout-2", {"live_update_cmdline_set": {"pyvfio_lu.stage": "3"}}, host_vars=host_vars)
         run["rollout-2"] = r2
         check("rollout-2-fleet-a-live-update-number", *number_ok(r2["reports"]["fleet-a"], 2))
         check("rollout-2-fleet-a-data", *data_ok("fleet-a", 3))
         rep_b = r2["reports"][BROKEN] or {}
         check(f"rollout-2-{BROKEN}-preflight-refused",
-              rep_b.get("failed") and rep_b.get("stage") == "preflight" and rep_b.get("error") == "KexecImageTooLarge"
-              and "before" not in rep_b, {k: rep_b.get(k) for k in ("stage", "error", "msg")})
+              rep_b.get("failed") and rep_b.get("stage") == "preflight" and rep_b.get("error") == expected_error
+              and "before" not in rep_b
+              and (not devices or (rep_b.get("preflight") or {}).get("failed_checks") == ["device 0000:00:04.0"]),
+              {k: rep_b.get(k) for k in ("stage", "error", "msg")})
         check("rollout-2-fleet-c-not-reached", r2["reports"]["fleet-c"] is None, r2["reports"]["fleet-c"])
         check("rollout-2-stopped", r2["rc"] != 0 and "fleet-c" not in r2["output"].split("PLAY RECAP")[-1],
               f"rc={r2['rc']}")
@@ -138,7 +151,11 @@ def _run(flavour: str) -> dict:
             check(f"rollout-2-{h}-untouched", ok, {"boot": (b.get("boot_id"), a.get("boot_id")),
                                                    "number": a.get("liveupdate_number"),
                                                    "kexec_loaded": a.get("kexec_loaded"), "holders": holders})
-        huge.unlink()
+        if devices:
+            answer = fleet.control(BROKEN, "irq-off")
+            check(f"rollout-2-{BROKEN}-device-irq-off", answer["result"] == "ok", answer)
+        else:
+            huge.unlink()
 
         # 3. the rest of the fleet, repaired: their data came through untouched
         r3 = fleet.rollout("rollout-3", {"live_update_cmdline_set": {"pyvfio_lu.stage": "4"}},

@@ -18,6 +18,11 @@ Each boot writes ``<state>/vmm-stage-N.json`` (what it found and did) and the co
 ``<state>/expected.json`` (the RAM's sha256), for the host-side test to compare.
 Exit status 0, or 1 when anything did not come through.
 
+With a device, the VMM then goes on running in the background holding it (as one that runs its
+guest would), and obeys ``<state>/vmm-control``: ``N irq-on`` enables the device's INTx (a VMM
+that left an interrupt on: the kernel would refuse the kexec, and the preflight says so),
+``N irq-off`` disables it; each command is acknowledged in ``<state>/vmm-control.done``.
+
     python tests/fleet/vmm.py --name vm-a --state /shared
 """
 
@@ -113,6 +118,36 @@ def preserve(lu: LiveUpdate, name: str, ram: Memfd, digest: str, generation: int
     return manifest
 
 
+def keep_running(state: str, dev) -> None:  # noqa: ANN001
+    """Become a background VMM holding ``dev`` and obeying ``<state>/vmm-control`` (never returns)."""
+    control, done = os.path.join(state, "vmm-control"), os.path.join(state, "vmm-control.done")
+
+    def read() -> str:
+        try:
+            with open(control) as fh:
+                return fh.read().strip()
+        except OSError:
+            return ""
+
+    last = read()  # a command from before this boot was meant for the VMM of that boot
+    while True:
+        command = read()
+        if command and command != last:
+            last = command
+            what = command.split()[-1]
+            try:
+                if what == "irq-on":
+                    dev.enable_irq(0)  # INTx, routed to an eventfd nobody reads
+                elif what == "irq-off":
+                    dev.disable_irq(0)
+                result = "ok"
+            except PyvfioError as exc:
+                result = f"{type(exc).__name__}: {exc}"
+            say(f"control {command!r}: {result}")
+            write_json(done, {"command": command, "result": result})
+        time.sleep(0.5)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", required=True, help="the VM's LUO session name")
@@ -180,16 +215,27 @@ def main() -> int:
             report["generation"] = generation
             say(f"session {args.name!r} preserved (generation {generation}"
                 f"{', with the device' if dev is not None else ''}) and held by the holder at {HOLDER}")
-            ram.close()
             if dev is not None:
-                dev.close()
+                report["serving"] = True  # the device stays open in the background VMM below
+            else:
+                ram.close()
     except PyvfioError as exc:
         report["problems"].append(f"{type(exc).__name__}: {exc}")
         say(f"FAILED: {type(exc).__name__}: {exc}")
     finally:
         report["seconds"] = round(time.monotonic() - T0, 3)
         write_json(path, report)
-    return 0 if not report["problems"] else 1
+    rc = 0 if not report["problems"] else 1
+    if report.get("serving"):
+        sys.stdout.flush()
+        if os.fork() == 0:  # the background VMM: keeps the device (and RAM) open, never closes them
+            os.setsid()
+            try:
+                keep_running(args.state, dev)
+            finally:
+                os._exit(0)
+        os._exit(rc)  # no finalizers: closing the device here would unmap the guest RAM under the VMM
+    return rc
 
 
 if __name__ == "__main__":
