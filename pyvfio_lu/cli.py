@@ -47,17 +47,10 @@ def _print_json(obj: object) -> None:
 
 # --- devices ----------------------------------------------------------------------------------
 def cmd_devices(args: argparse.Namespace) -> int:
-    from .sysfs import PciDevice, list_devices
+    from .status import adopt_ledgers, devices
 
-    if args.bdf:
-        devices = [PciDevice(b, args.sysfs) for b in args.bdf]
-    else:
-        devices = [d for d in list_devices(args.sysfs) if args.all or d.pci_class >> 16 != 0x06]
-    from .status import preserved_devices
-
-    _adopt_ledgers()
-    held = {d["bdf"]: d for d in preserved_devices()}
-    rows = [dict(d.to_json(), preserved=held.get(d.bdf)) for d in devices]
+    adopt_ledgers()
+    rows = devices(args.sysfs, args.bdf, args.all)
     if args.json:
         _print_json(rows)
         return EXIT_OK
@@ -139,30 +132,16 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 # --- status ------------------------------------------------------------------------------------
 def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            words = fh.read().rstrip(b"\0").split(b"\0")
-    except OSError:
-        return ""
-    if words and b"python" in words[0].rsplit(b"/", 1)[-1]:
-        words[0] = words[0].rsplit(b"/", 1)[-1]  # "python -m ..." reads better than the venv path
-    return " ".join(w.decode(errors="replace") for w in words)
+    from .status import _cmdline_of
+
+    return _cmdline_of(pid)
 
 
 def _adopt_ledgers() -> None:
     """After a live update, read the ledgers once (what the first /dev/liveupdate open does)."""
-    import os
+    from .status import adopt_ledgers
 
-    from . import ledger
-    from .errors import PyvfioError
-    from .luo import DEVICE_PATH, LiveUpdate
-
-    if ledger.adopted() or not os.path.exists(DEVICE_PATH):
-        return
-    try:
-        LiveUpdate().close()
-    except PyvfioError:
-        pass  # busy: whoever holds it adopted them, or will
+    adopt_ledgers()
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -238,6 +238,24 @@ class SessionClosed(LiveUpdateError, ValueError):
     default_reason = "the session object is closed"
 
 
+class SessionNotHeld(LiveUpdateError):
+    default_reason = ("no process holds this session: a live update now would not carry it (hand it to a "
+                      "holder before the kexec)")
+
+
+class SessionNotFinished(LiveUpdateError):
+    default_reason = ("a session that came through the last live update is not finished: a kexec now would "
+                      "drop it (retrieve what it holds and finish it first)")
+
+
+class PreflightFailed(LiveUpdateError):
+    """A live update's preconditions are not met on this host (nothing was changed)."""
+
+
+class LiveUpdateNotVerified(LiveUpdateError):
+    """After a live update, the host is not in the state it should be (boot id, number, sessions)."""
+
+
 class KexecError(PyvfioError):
     """Base of the errors loading or executing a kexec kernel."""
 

@@ -316,6 +316,17 @@ def incoming() -> dict[str, dict[str, Any]]:
     return {n: e for n, e in sessions.items() if _key(n) not in finished}
 
 
+def came_in() -> dict[str, dict[str, Any]]:
+    """Every session this boot's ledgers describe, finished or not: name -> entry with
+    ``"finished": bool``. Empty on a cold boot or before the ledgers were adopted."""
+    sessions = _load_index()
+    try:
+        finished = set(os.listdir(_finished_dir()))
+    except OSError:
+        finished = set()
+    return {n: dict(e, finished=_key(n) in finished) for n, e in sessions.items()}
+
+
 def find_device(bdf: str, sessions: dict[str, dict[str, Any]] | None = None) -> tuple[str, int] | None:
     """(session name, token) of the preserved VFIO device ``bdf`` among ``sessions``
     (default: :func:`incoming`), or None."""

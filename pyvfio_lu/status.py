@@ -134,6 +134,80 @@ def preserved_devices() -> list[dict[str, Any]]:
     return out
 
 
+def adopt_ledgers() -> bool:
+    """After a live update, have the ledgers read once (what the first /dev/liveupdate open does:
+    see :mod:`pyvfio_lu.ledger`); True when they are adopted now. A busy /dev/liveupdate is left
+    alone: whoever holds it adopted them, or will."""
+    from . import ledger
+    from .errors import PyvfioError
+    from .luo import DEVICE_PATH, LiveUpdate
+
+    if not ledger.adopted() and os.path.exists(DEVICE_PATH):
+        try:
+            LiveUpdate().close()
+        except PyvfioError:
+            pass
+    return ledger.adopted()
+
+
+def devices(sysfs: str = "/sys", bdfs: list[str] | None = None, all_classes: bool = False) -> list[dict]:
+    """PCI functions as ``pyvfio-lu devices`` lists them (bridges only with ``all_classes``), each
+    with ``preserved``: the live-update session that holds it (outgoing or incoming), or None."""
+    from .sysfs import PciDevice, list_devices
+
+    if bdfs:
+        found = [PciDevice(b, sysfs) for b in bdfs]
+    else:
+        found = [d for d in list_devices(sysfs) if all_classes or d.pci_class >> 16 != 0x06]
+    held = {d["bdf"]: d for d in preserved_devices()}
+    return [dict(d.to_json(), preserved=held.get(d.bdf)) for d in found]
+
+
+def _uptime() -> float | None:
+    text = _read("/proc/uptime")
+    try:
+        return float(text.split()[0]) if text else None
+    except ValueError:
+        return None
+
+
+def facts(proc: str = "/proc", sysfs: str = "/sys") -> dict:
+    """Everything a fleet tool wants to know of this host's live-update state, as JSON:
+    :func:`status` plus the kernel release, uptime, the KHO scratch areas (where the next kernel
+    must fit), every PCI device with its driver, IOMMU group, VFIO cdev and preserved state, the
+    sessions with each holder's command line, and this boot's incoming sessions finished or not.
+    Read-only, except that after a live update the ledgers are adopted (:func:`adopt_ledgers`)."""
+    from . import kexec, ledger
+
+    adopt_ledgers()
+    doc = status(proc).to_json()
+    for holders in [*doc["sessions"].values(), doc["holders_of_device"]]:
+        for h in holders:
+            h["cmdline"] = _cmdline_of(h["pid"], proc)
+    areas = kexec.scratch_areas()
+    doc.update(
+        kernel_release=os.uname().release,
+        uptime=_uptime(),
+        kho_scratch=None if areas is None else [{"address": a, "size": n} for a, n in areas],
+        devices=devices(sysfs),
+        outgoing=ledger.outgoing(),
+        came_in=ledger.came_in(),
+    )
+    return doc
+
+
+def _cmdline_of(pid: int, proc: str = "/proc") -> str:
+    """A process's command line as one string ("python -m ..." rather than the venv's path)."""
+    try:
+        with open(f"{proc}/{pid}/cmdline", "rb") as fh:
+            words = fh.read().rstrip(b"\0").split(b"\0")
+    except OSError:
+        return ""
+    if words and b"python" in words[0].rsplit(b"/", 1)[-1]:
+        words[0] = words[0].rsplit(b"/", 1)[-1]
+    return " ".join(w.decode(errors="replace") for w in words)
+
+
 def status(proc: str = "/proc") -> Status:
     from . import ledger
     from .preservation import device_preservation

@@ -20,6 +20,7 @@ import shlex
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,9 @@ class QemuSpec:
     # boot in 15 with "Oops: int3" where the kernel patches its own code (static keys).
     tcg_thread: str = "single"  # or "multi"
     net: bool = True  # a virtio-net NIC on QEMU user networking with restrict=on
+    # With a port: the guest's TCP port 22 is forwarded from 127.0.0.1:ssh_port on the host (and
+    # from nowhere else); restrict=on stays, so the guest still reaches nothing outside.
+    ssh_port: int | None = None
     qemu: str = "qemu-system-x86_64"
     host_root: Path = Path("/")  # shared read-only with the guest, its root's lower layer
 
@@ -102,6 +106,12 @@ class QemuSpec:
             raise ValueError(f"iommu must be one of {IOMMU_MODES}, not {self.iommu!r}")
         if self.accel not in ACCELS:
             raise ValueError(f"accel must be one of {ACCELS}, not {self.accel!r}")
+        if self.ssh_port is not None:
+            if isinstance(self.ssh_port, bool) or not isinstance(self.ssh_port, int) \
+                    or not 1 <= self.ssh_port <= 65535:
+                raise ValueError(f"ssh_port must be a TCP port number, not {self.ssh_port!r}")
+            if not self.net:
+                raise ValueError("ssh_port needs the guest NIC (net=True)")
 
 
 def kernel_cmdline(spec: QemuSpec) -> str:
@@ -142,7 +152,8 @@ def qemu_argv(spec: QemuSpec) -> list[str]:
     # (initcall_blacklist in BASE_APPEND), so interface names do not change.
     argv += ["-netdev", "user,id=net1,restrict=on", "-device", "e1000e,netdev=net1,addr=0x8,romfile="]
     if spec.net:
-        argv += ["-netdev", "user,id=net0,restrict=on",
+        forward = "" if spec.ssh_port is None else f",hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22"
+        argv += ["-netdev", f"user,id=net0,restrict=on{forward}",
                  "-device", "virtio-net-pci,netdev=net0,addr=0x5"]
     argv += [
         "-fsdev", (f"local,id=hostroot,path={_qemu_path(spec.host_root)},security_model=none,"
@@ -173,6 +184,8 @@ _MARKERS: tuple[tuple[re.Pattern[str], Callable[[re.Match[str]], str]], ...] = (
     (re.compile(r"pyvfio-lu: kexec failed"), lambda m: "kexec.failed"),
     (re.compile(r"pyvfio-lu: init failed"), lambda m: "init.failed"),
     (re.compile(r"pyvfio-lu: poweroff"), lambda m: "poweroff"),
+    (re.compile(r"pyvfio-lu: sshd started stage=(\d+)"), lambda m: f"sshd{m[1]}"),
+    (re.compile(r"pyvfio-lu: serving stage=(\d+)"), lambda m: f"serving{m[1]}"),
 )
 _RC = re.compile(r"pyvfio-lu: stage (\d+) (command|end) rc=(\d+)")
 _KERNEL_START = re.compile(r"Linux version \S+")
@@ -188,7 +201,9 @@ class Markers:
 
     ``times`` keys: ``kernel1``/``kernel2`` ("Linux version"), ``init1``/``init2``,
     ``stageN.begin``, ``stageN.rc`` (the command returned), ``stageN.end`` (run.sh returned),
-    ``kexec.load``, ``kexec.exec``, ``kexec.failed``, ``init.failed``, ``poweroff``.
+    ``kexec.load``, ``kexec.exec``, ``kexec.failed``, ``init.failed``, ``poweroff``; for a
+    guest that serves SSH (:mod:`pyvfio_lu.vm.serve`) ``sshdN`` (the server started in stage N)
+    and ``servingN`` (stage N's boot command returned, the guest waits for logins).
     """
 
     times: dict[str, float] = field(default_factory=dict)
@@ -288,12 +303,13 @@ def run_console(argv: Sequence[str], *, log_path: Path, timeout: float,
                 on_line: Callable[[float, str], None] | None = None,
                 finished: re.Pattern[str] | None = None,
                 stop: re.Pattern[str] | None = None,
-                grace: float = 20.0) -> ConsoleRun:
+                grace: float = 20.0, abort: threading.Event | None = None) -> ConsoleRun:
     """Run ``argv`` (QEMU, or a stand-in in tests), its stdout+stderr being the console.
 
     Each line is timestamped, written to ``log_path`` as ``<seconds> | <text>`` and passed to
     ``on_line``. After a line matching ``finished`` the process gets ``grace`` seconds to exit
-    on its own; after a line matching ``stop`` it is killed at once (``stopped=True``). A
+    on its own; after a line matching ``stop`` it is killed at once (``stopped=True``), and so it
+    is when another thread sets ``abort``. A
     process still running at ``timeout`` is killed and :class:`GuestTimeout` raised. The
     process is killed on every other way out too, KeyboardInterrupt included.
     """
@@ -334,6 +350,9 @@ def run_console(argv: Sequence[str], *, log_path: Path, timeout: float,
             with selectors.DefaultSelector() as sel:
                 sel.register(fd, selectors.EVENT_READ)
                 while not eof and not stopped:
+                    if abort is not None and abort.is_set():
+                        stopped = True
+                        break
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
