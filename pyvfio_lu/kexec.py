@@ -12,6 +12,11 @@ import os
 from ._cffi import ffi, lib
 from .errors import KexecError, error_for
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from typing import Any
+
 KEXEC_LOADED = "/sys/kernel/kexec_loaded"
 
 
@@ -136,7 +141,7 @@ def setup_header(kernel: str) -> dict[str, int | bytes]:
     return {name: struct.unpack_from("<" + fmt, head, off)[0] for name, (off, fmt) in _HDR.items()}
 
 
-def image_problems(header: dict, cmdline: str) -> list[str]:
+def image_problems(header: dict[str, Any], cmdline: str) -> list[str]:
     """Why x86's kexec_file_load would refuse this bzImage (its header) with this command line."""
     problems = []
     if header["header"] != b"HdrS" or header["boot_flag"] != 0xAA55:
@@ -173,7 +178,7 @@ def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
-def segments(header: dict, initrd_size: int | None, cmdline: str) -> list[tuple[str, int, int, int]]:
+def segments(header: dict[str, Any], initrd_size: int | None, cmdline: str) -> list[tuple[str, int, int, int]]:
     """What x86's kexec_file_load adds, in order: ``(what, size, alignment, lowest address)``.
     Sizes of the small segments (KHO's scratch table, purgatory, boot parameters) are upper
     estimates; the kernel and initramfs are exact."""
@@ -213,7 +218,7 @@ def place(segs: list[tuple[str, int, int, int]], areas: list[tuple[int, int]]) -
 
 
 def check_image(kernel: str, initrd: str | None = None, cmdline: str | None = None,
-                kho_out: str = KHO_OUT) -> dict:
+                kho_out: str = KHO_OUT) -> dict[str, Any]:
     """Would ``load(kernel, initrd, cmdline)`` work here? Read-only: nothing is loaded.
 
     Checks the files, the bzImage header and command line as x86's loader does, that the next
@@ -226,7 +231,7 @@ def check_image(kernel: str, initrd: str | None = None, cmdline: str | None = No
     from .status import kstrtobool
 
     cmd = current_cmdline() if cmdline is None else cmdline
-    report: dict = {"ok": False, "kernel": kernel, "initrd": initrd, "cmdline": cmd, "problems": [],
+    report: dict[str, Any] = {"ok": False, "kernel": kernel, "initrd": initrd, "cmdline": cmd, "problems": [],
                     "error": None, "kernel_bytes": None, "initrd_bytes": None, "needed_bytes": None,
                     "scratch": None, "fits": None}
 
@@ -252,10 +257,10 @@ def check_image(kernel: str, initrd: str | None = None, cmdline: str | None = No
         if kstrtobool(words.get(key, "")) is not True:
             problem("LiveUpdateNotEnabled", f"the next kernel's command line lacks {key}=on: it would "
                     "boot without live-update state")
-    for path, bad, text in (("/proc/sys/kernel/kexec_load_disabled", "1", "kexec is disabled "
-                             "(kernel.kexec_load_disabled=1, until reboot)"),
-                            ("/proc/sys/kernel/kexec_load_limit_reboot", "0", "no kexec load left "
-                             "(kernel.kexec_load_limit_reboot=0)")):
+    for path, bad, text in (("/proc/sys/kernel/kexec_load_disabled", "1",
+                             "kexec is disabled (kernel.kexec_load_disabled=1, until reboot)"),
+                            ("/proc/sys/kernel/kexec_load_limit_reboot", "0",
+                             "no kexec load left (kernel.kexec_load_limit_reboot=0)")):
         try:
             with open(path) as fh:
                 if fh.read().strip() == bad:
@@ -266,10 +271,10 @@ def check_image(kernel: str, initrd: str | None = None, cmdline: str | None = No
         problem("KexecNotPermitted", "not running as root (kexec_file_load needs CAP_SYS_BOOT)")
     if header is None:
         return report
-    bad = image_problems(header, cmd)
-    for text in bad:
+    faults = image_problems(header, cmd)
+    for text in faults:
         problem("KexecError", f"kernel {kernel}: {text}")
-    if bad:
+    if faults:
         return report
     segs = segments(header, report["initrd_bytes"] if initrd else None, cmd)
     report["needed_bytes"] = sum(size for _w, size, _a, _l in segs)

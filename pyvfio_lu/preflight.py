@@ -30,10 +30,16 @@ import os
 from . import kexec, ledger, procfs, status
 from .preservation import HOW_TO_GET, device_fd_holders, device_preservation, fd_bound, irqs_enabled, power_state
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
+
 SYS_PIDFD_GETFD = 438  # the same number on every architecture
 
 
-def _check(name: str, ok: bool, detail: str, error: str | None = None, **extra: object) -> dict:
+def _check(name: str, ok: bool, detail: str, error: str | None = None, **extra: object) -> dict[str, Any]:
     out = {"name": name, "ok": bool(ok), "detail": detail, "error": None if ok else error}
     out.update(extra)
     return out
@@ -78,7 +84,7 @@ def cdev_bound(bdf: str, proc: str = "/proc", sysfs: str = "/sys") -> tuple[bool
 
 
 def check_devices(bdfs: list[str], require_preserved: bool = True, *, sysfs: str = "/sys",
-                  proc: str = "/proc") -> list[dict]:
+                  proc: str = "/proc") -> list[dict[str, Any]]:
     """One check per device (see the module docstring)."""
     from .sysfs import PciDevice, is_vfio_driver, parse_bdf
 
@@ -97,11 +103,11 @@ def check_devices(bdfs: list[str], require_preserved: bool = True, *, sysfs: str
             problems.append(("DeviceNotBound", f"on driver {driver or 'none'}, not vfio-pci"))
         cdev = pci.vfio_cdev
         if driver and is_vfio_driver(driver) and not cdev:
-            problems.append(("DeviceNotPreservable", "no VFIO cdev (/dev/vfio/devices/vfioN): the kernel "
-                             "preserves only cdev fds"))
+            problems.append(("DeviceNotPreservable",
+                             "no VFIO cdev (/dev/vfio/devices/vfioN): the kernel preserves only cdev fds"))
         held = preserved.get(bdf)
-        bound, how = (True, f"preserved in session {held['session']!r}, which the kernel allows only for "
-                      "a cdev fd bound to an iommufd") if held else cdev_bound(bdf, proc, sysfs)
+        bound, how = (True, (f"preserved in session {held['session']!r}, which the kernel allows only for "
+                             "a cdev fd bound to an iommufd")) if held else cdev_bound(bdf, proc, sysfs)
         if not bound:
             problems.append(("NotLiveUpdateReady", how))
         irqs = irqs_enabled(bdf, f"{proc}/interrupts")
@@ -121,7 +127,7 @@ def check_devices(bdfs: list[str], require_preserved: bool = True, *, sysfs: str
     return out
 
 
-def check_sessions(names: list[str], proc: str = "/proc") -> tuple[list[dict], list[str]]:
+def check_sessions(names: list[str], proc: str = "/proc") -> tuple[list[dict[str, Any]], list[str]]:
     """One check per named session (held, outgoing, described), and warnings."""
     holders = procfs.session_holders(proc)
     outgoing = ledger.outgoing()
@@ -150,8 +156,8 @@ def check_sessions(names: list[str], proc: str = "/proc") -> tuple[list[dict], l
 
 
 def preflight(kernel: str, initrd: str | None = None, cmdline: str | None = None, *,
-              sessions: list[str] = (), devices: list[str] | None = None,
-              require_preserved: bool = True, sysfs: str = "/sys", proc: str = "/proc") -> dict:
+              sessions: Sequence[str] = (), devices: list[str] | None = None,
+              require_preserved: bool = True, sysfs: str = "/sys", proc: str = "/proc") -> dict[str, Any]:
     """Check every precondition of a live update into ``kernel`` (+ ``initrd``, with ``cmdline``,
     default the running one) carrying ``sessions``; nothing is changed. ``devices`` defaults to
     every device the held sessions' ledgers list. Returns ``{"ok", "checks": [...], "failed":
@@ -198,7 +204,7 @@ def preflight(kernel: str, initrd: str | None = None, cmdline: str | None = None
     }
 
 
-def raise_for(report: dict) -> None:
+def raise_for(report: dict[str, Any]) -> None:
     """PreflightFailed (naming every failed check) unless ``report`` is ok."""
     from .errors import PreflightFailed
 

@@ -150,7 +150,7 @@ def adopt_ledgers() -> bool:
     return ledger.adopted()
 
 
-def devices(sysfs: str = "/sys", bdfs: list[str] | None = None, all_classes: bool = False) -> list[dict]:
+def devices(sysfs: str = "/sys", bdfs: list[str] | None = None, all_classes: bool = False) -> list[dict[str, Any]]:
     """PCI functions as ``pyvfio-lu devices`` lists them (bridges only with ``all_classes``), each
     with ``preserved``: the live-update session that holds it (outgoing or incoming), or None."""
     from .sysfs import PciDevice, list_devices
@@ -171,7 +171,7 @@ def _uptime() -> float | None:
         return None
 
 
-def facts(proc: str = "/proc", sysfs: str = "/sys") -> dict:
+def facts(proc: str = "/proc", sysfs: str = "/sys") -> dict[str, Any]:
     """Everything a fleet tool wants to know of this host's live-update state, as JSON:
     :func:`status` plus the kernel release, uptime, the KHO scratch areas (where the next kernel
     must fit), every PCI device with its driver, IOMMU group, VFIO cdev and preserved state, the

@@ -21,17 +21,23 @@ import time
 
 from . import ledger, status
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
+
 STATES = ("finished", "incoming", "present")
 
 
-def _state_of(name: str, came: dict[str, dict]) -> str:
+def _state_of(name: str, came: dict[str, dict[str, Any]]) -> str:
     if name not in came:
         return "missing"
     return "finished" if came[name].get("finished") else "incoming"
 
 
-def verify(before_boot_id: str, before_number: int | None, sessions: list[str] = (), *,
-           wanted: str = "finished", timeout: float = 120.0, poll: float = 0.5) -> dict:
+def verify(before_boot_id: str, before_number: int | None, sessions: Sequence[str] = (), *,
+           wanted: str = "finished", timeout: float = 120.0, poll: float = 0.5) -> dict[str, Any]:
     """Check this boot against the one before the kexec (see the module docstring). Returns
     ``{"ok", "error": class name or None, "message", "boot_id", "liveupdate_number",
     "expected_number", "sessions": {name: state}, "waited", "uptime"}``."""
@@ -42,7 +48,7 @@ def verify(before_boot_id: str, before_number: int | None, sessions: list[str] =
     t0 = time.monotonic()
     st = status.status()
     expected = (before_number or 0) + 1
-    out: dict = {"ok": False, "error": None, "message": "", "boot_id": st.boot_id,
+    out: dict[str, Any] = {"ok": False, "error": None, "message": "", "boot_id": st.boot_id,
                  "previous_boot_id": before_boot_id, "liveupdate_number": st.liveupdate_number,
                  "expected_number": expected, "sessions": {}, "waited": 0.0, "uptime": status._uptime()}
     if st.boot_id == before_boot_id:
@@ -91,7 +97,7 @@ def verify(before_boot_id: str, before_number: int | None, sessions: list[str] =
     return out
 
 
-def last_exec_report(path: str) -> dict | None:
+def last_exec_report(path: str) -> dict[str, Any] | None:
     """What :func:`pyvfio_lu.kexec.execute_later` wrote when the kexec was refused, if anything."""
     import json
 

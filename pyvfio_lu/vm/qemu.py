@@ -20,7 +20,6 @@ import shlex
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +28,11 @@ from typing import TYPE_CHECKING
 from .cache import cache_root, locked
 
 if TYPE_CHECKING:
+    import threading
     from collections.abc import Callable, Iterable, Mapping, Sequence
 
     from .run import GuestResult
+    from .serve import ServeResult
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class GuestError(RuntimeError):
     """The guest did not run to its expected end. ``tail`` holds its last console lines."""
 
     def __init__(self, message: str, tail: Sequence[str] = (), log_path: Path | None = None,
-                 result: GuestResult | None = None) -> None:
+                 result: GuestResult | ServeResult | None = None) -> None:
         text = message
         if log_path is not None:
             text += f"\nconsole log: {log_path}"

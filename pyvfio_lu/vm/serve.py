@@ -37,11 +37,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from . import qemu
 from .initramfs import build_initramfs
 from .qemu import GuestError, Line, QemuSpec
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    from typing_extensions import Self  # typing.Self from 3.11; type checkers ship this stub
 
 __all__ = ["GuestServer", "SshKeys", "free_port", "serve_script"]
 
@@ -79,7 +85,7 @@ class SshKeys:
     client_public: str
 
     @classmethod
-    def create(cls, directory: Path, client_key: Path | None = None) -> "SshKeys":
+    def create(cls, directory: Path, client_key: Path | None = None) -> SshKeys:
         """Make ``directory`` (mode 0700) with a new host key and, unless ``client_key`` (an
         OpenSSH private key with its ``.pub`` beside it) is given, a new client key."""
         directory.mkdir(parents=True, exist_ok=True)
@@ -158,6 +164,11 @@ class ServeResult:
     seconds: float
     lines: list[Line] = field(default_factory=list, repr=False)
 
+    def to_json(self) -> dict[str, Any]:
+        """The figures a report keeps (as :meth:`GuestResult.to_json` gives them for a run)."""
+        return {"results_dir": str(self.results_dir), "console_log": str(self.console_log),
+                "stage_rc": self.stage_rc, "qemu_rc": self.qemu_rc, "seconds": self.seconds}
+
     @property
     def ok(self) -> bool:
         """Every boot's command exited 0, the guest powered off when asked, nothing crashed."""
@@ -201,20 +212,20 @@ class GuestServer:
         self._thread: threading.Thread | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
-    def start(self) -> "GuestServer":
+    def start(self) -> Self:
         from .run import _kernel_image
 
         sshd = find_sshd()
-        self.kernel = (self.kernel or _kernel_image()).resolve()
-        self.initrd = build_initramfs()
+        kernel = self.kernel = (self.kernel or _kernel_image()).resolve()
+        initrd = self.initrd = build_initramfs()
         self.results_dir.mkdir(parents=True, exist_ok=True)
         for stale in [*self.results_dir.glob("stage-*.rc"), self.results_dir / "poweroff"]:
             stale.unlink(missing_ok=True)
         self.keys = SshKeys.create(self.results_dir / "ssh", self._client_key)
         (self.results_dir / "boot.sh").write_text(self.command.rstrip("\n") + "\n")
         (self.results_dir / "run.sh").write_text(serve_script(self.kernel, self.initrd, self.cwd, sshd))
-        accel = self.accel or qemu.choose_accel(lambda: qemu.probe_kvm(self.kernel, self.initrd),
-                                                key=qemu.probe_key(self.kernel))
+        accel = self.accel or qemu.choose_accel(lambda: qemu.probe_kvm(kernel, initrd),
+                                                key=qemu.probe_key(kernel))
         spec = QemuSpec(kernel=self.kernel, initrd=self.initrd, results_dir=self.results_dir,
                         append=self.extra_append, memory=self.memory, iommu=self.iommu, accel=accel,
                         ssh_port=self.port)
@@ -269,7 +280,7 @@ class GuestServer:
         seen = 0
         with self._changed:
             while True:
-                for t, text in self._lines[seen:]:
+                for t, text in self._lines[seen:]:  # noqa: B007 - t, the line's time, is returned
                     m = rc_pattern.search(text)
                     if m and m[1] != "0":
                         raise self._failure(f"the boot command of stage {stage} exited {m[1]}")
@@ -324,7 +335,7 @@ class GuestServer:
             self._thread.join(60)
         return self.result
 
-    def __enter__(self) -> "GuestServer":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -356,9 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", nargs="+", metavar="CMD")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[vm] %(message)s")
-    from .kernel import build
-
     import tempfile
+
+    from .kernel import build
 
     results = args.results_dir or Path(tempfile.mkdtemp(prefix="pyvfio-lu-serve-"))
     guest = GuestServer(" ".join(args.command), name="serve", results_dir=results, port=args.port,

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, Fleet  # noqa: E402
+from harness import ROOT, Fleet
 
 HOSTS = ["fleet-a", "fleet-b", "fleet-c"]
 BROKEN = "fleet-b"
@@ -145,8 +145,9 @@ def _run(flavour: str) -> dict:
             b, a = before.get(h) or {}, after.get(h) or {}
             name = fleet.session(h)
             holders = [x["pid"] for x in (a.get("sessions") or {}).get(name, [])]
+            held_before = [x["pid"] for x in (b.get("sessions") or {}).get(name, [])]
             ok = bool(a) and a.get("boot_id") == b.get("boot_id") and a.get("liveupdate_number") == 1 \
-                and not a.get("kexec_loaded") and holders and holders == [x["pid"] for x in (b.get("sessions") or {}).get(name, [])] \
+                and not a.get("kexec_loaded") and holders and holders == held_before \
                 and name in (a.get("outgoing") or {})
             check(f"rollout-2-{h}-untouched", ok, {"boot": (b.get("boot_id"), a.get("boot_id")),
                                                    "number": a.get("liveupdate_number"),
@@ -192,8 +193,8 @@ def _run(flavour: str) -> dict:
 
 
 def _summary(run: dict) -> str:
-    lines = [f"fleet run: {run['results']} ({run.get('seconds')} s in all; guests serving after "
-             f"{run.get('serving')})"]
+    lines = [(f"fleet run: {run['results']} ({run.get('seconds')} s in all; guests serving after "
+              f"{run.get('serving')})")]
     for name in ("rollout-1", "rollout-2", "rollout-3"):
         r = run.get(name)
         if not r:

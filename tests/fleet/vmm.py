@@ -34,6 +34,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from pyvfio_lu.errors import LiveUpdateBusy, NoSuchSession, PyvfioError
 from pyvfio_lu.holder import Holder
@@ -118,7 +119,7 @@ def preserve(lu: LiveUpdate, name: str, ram: Memfd, digest: str, generation: int
     return manifest
 
 
-def keep_running(state: str, dev) -> None:  # noqa: ANN001
+def keep_running(state: str, dev) -> None:
     """Become a background VMM holding ``dev`` and obeying ``<state>/vmm-control`` (never returns)."""
     control, done = os.path.join(state, "vmm-control"), os.path.join(state, "vmm-control.done")
 
@@ -158,7 +159,7 @@ def main() -> int:
     number = liveupdate_number()
     devices = can_preserve_devices()
     report: dict = {"name": args.name, "stage": stage, "liveupdate_number": number,
-                    "boot_id": open("/proc/sys/kernel/random/boot_id").read().strip(),
+                    "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
                     "device_preservation": devices, "came_in": False, "verified": False, "finished": False,
                     "preserved": False, "device": None, "problems": []}
     path = os.path.join(args.state, f"vmm-stage-{stage}.json")

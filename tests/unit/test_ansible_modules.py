@@ -13,11 +13,11 @@ import pytest
 
 pytest.importorskip("ansible", reason="ansible-core is the fleet extra (bash scripts/setup installs it)")
 
-from fake_sysfs import guest_like  # noqa: E402
-from test_netsafety import guest_eth0  # noqa: E402
+from fake_sysfs import guest_like
+from test_netsafety import guest_eth0
 
-from pyvfio_lu import kexec, netsafety, status, sysfs  # noqa: E402
-from pyvfio_lu.errors import KexecImageTooLarge  # noqa: E402
+from pyvfio_lu import kexec, netsafety, status, sysfs
+from pyvfio_lu.errors import KexecImageTooLarge
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
@@ -120,7 +120,8 @@ def test_device_bad_address_is_named(fs, capsys) -> None:  # type: ignore[no-unt
 # --- preflight -----------------------------------------------------------------------------------
 def report(ok: bool) -> dict:
     checks = [{"name": "kho", "ok": True, "detail": "KHO is on", "error": None},
-              {"name": "kexec_image", "ok": ok, "detail": "the initramfs does not fit", "error": None if ok else "KexecImageTooLarge"}]
+              {"name": "kexec_image", "ok": ok, "detail": "the initramfs does not fit",
+               "error": None if ok else "KexecImageTooLarge"}]
     return {"ok": ok, "checks": checks, "failed": [] if ok else ["kexec_image"], "error": None if ok else "KexecImageTooLarge",
             "message": "kexec_image: the initramfs does not fit", "warnings": ["a warning"], "boot_id": "b1",
             "liveupdate_number": 1, "devices": []}

@@ -8,8 +8,8 @@ import struct
 from pathlib import Path
 
 import pytest
-
 from fake_sysfs import FakeSysfs
+
 from pyvfio_lu import kexec, ledger, preflight, status, verify
 from pyvfio_lu.errors import ArgumentOutOfRange, PreflightFailed
 from pyvfio_lu.status import Status
@@ -123,8 +123,8 @@ def test_missing_files_are_named(tmp_path: Path) -> None:
 
 # --- preflight ---------------------------------------------------------------------------------
 def fake_status(**kw: object) -> Status:
-    base = dict(luo_enabled=True, kho_enabled=True, liveupdate_number=None, boot_id="boot-1",
-                kexec_loaded=False, cmdline=GOOD_CMDLINE)
+    base: dict[str, object] = {"luo_enabled": True, "kho_enabled": True, "liveupdate_number": None,
+                               "boot_id": "boot-1", "kexec_loaded": False, "cmdline": GOOD_CMDLINE}
     base.update(kw)
     return Status(**base)  # type: ignore[arg-type]
 

@@ -108,7 +108,9 @@ def _banner_server(port: int, stop: threading.Event) -> None:
 
 @needs_tools
 @pytest.mark.parametrize("script,ok", [(FAKE_SERVED, True),
-                                       (FAKE_SERVED.replace("echo 0 >", "echo 4 >").replace("rc=0'; echo 'pyvfio-lu: serving", "rc=4'; echo 'pyvfio-lu: serving"), False)])
+                                       (FAKE_SERVED.replace("echo 0 >", "echo 4 >")
+                                        .replace("rc=0'; echo 'pyvfio-lu: serving", "rc=4'; echo 'pyvfio-lu: serving"),
+                                        False)])
 def test_guest_server_with_fake_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str, ok: bool) -> None:
     monkeypatch.setenv("PYVFIO_LU_CACHE", str(tmp_path / "cache"))
     (tmp_path / "busybox").write_bytes(b"fake busybox")
