@@ -88,6 +88,9 @@ class Fleet:
         out = {}
         for h, g in self.guests.items():
             out[h] = g.stop()
+        import shutil
+
+        shutil.rmtree(self.control_dir, ignore_errors=True)
         return out
 
     def _write_config(self) -> None:
