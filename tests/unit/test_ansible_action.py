@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("ansible", reason="ansible-core is the fleet extra (bash scripts/setup installs it)")
 
-from ansible.errors import AnsibleConnectionFailure  # noqa: E402
+from ansible.errors import AnsibleConnectionFailure
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
@@ -119,19 +119,19 @@ def test_a_refused_kexec_is_named_and_the_host_runs_on(monkeypatch) -> None:  # 
 
 
 def test_an_old_kernel_that_stays_is_reported(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    r, calls = run_action(monkeypatch, {"preflight": [PRE_OK], "kexec": [EXEC_OK], "facts": [boot("b1")]},
+    r, _calls = run_action(monkeypatch, {"preflight": [PRE_OK], "kexec": [EXEC_OK], "facts": [boot("b1")]},
                           args={"old_kernel_grace": 10})
     assert r["failed"] and r["error"] == "LiveUpdateNotVerified" and "still runs its old kernel" in r["msg"]
 
 
 def test_a_host_that_never_comes_back_times_out(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    r, calls = run_action(monkeypatch, {"preflight": [PRE_OK], "kexec": [EXEC_OK],
+    r, _calls = run_action(monkeypatch, {"preflight": [PRE_OK], "kexec": [EXEC_OK],
                                         "facts": [AnsibleConnectionFailure("down")]}, args={"reboot_timeout": 30})
     assert r["failed"] and r["error"] == "LiveUpdateNotVerified" and "did not come back within 30 s" in r["msg"]
 
 
 def test_verify_failure_names_the_error(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    r, calls = run_action(monkeypatch, {"preflight": [PRE_OK], "kexec": [EXEC_OK], "facts": [boot("b2")],
+    r, _calls = run_action(monkeypatch, {"preflight": [PRE_OK], "kexec": [EXEC_OK], "facts": [boot("b2")],
                                         "verify": [{"failed": True, "error": "NoSuchSession", "msg": "'vm-1' not carried",
                                                     "boot_id": "b2", "liveupdate_number": 1}]})
     assert r["failed"] and r["stage"] == "verify" and r["error"] == "NoSuchSession" and r["changed"]
