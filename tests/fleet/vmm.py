@@ -115,7 +115,9 @@ def preserve(lu: LiveUpdate, name: str, ram: Memfd, digest: str, generation: int
     s.preserve(ram, RAM)
     if dev is not None:
         dev.preserve(s, DEVICE)
-    Holder.spawn(HOLDER).hold_session(s, {"vmm": name})
+    # three TCG guests share two host cores: starting the holder's interpreter can take well
+    # over the default 10 s (a CI run saw it time out), so allow a minute
+    Holder.spawn(HOLDER, timeout=60.0).hold_session(s, {"vmm": name})
     return manifest
 
 
