@@ -68,12 +68,9 @@ static void report(const char *bench, long iters, const uint64_t *ns, int repeat
     fflush(stdout);
 }
 
-/* cdev + iommufd: open, VFIO_DEVICE_BIND_IOMMUFD, IOMMU_IOAS_ALLOC, attach to the IOAS */
-static int open_device(const char *cdev, int *iommufd_out, uint32_t *ioas_out)
+/* a device fd bound to a new iommufd (VFIO_DEVICE_BIND_IOMMUFD) and attached to a new IOAS */
+static void bind_and_attach(int dev, int *iommufd_out, uint32_t *ioas_out)
 {
-    int dev = open(cdev, O_RDWR | O_CLOEXEC);
-    if (dev < 0)
-        die(cdev);
     int iommufd = open("/dev/iommu", O_RDWR | O_CLOEXEC);
     if (iommufd < 0)
         die("/dev/iommu");
@@ -88,6 +85,15 @@ static int open_device(const char *cdev, int *iommufd_out, uint32_t *ioas_out)
         die("VFIO_DEVICE_ATTACH_IOMMUFD_PT");
     *iommufd_out = iommufd;
     *ioas_out = alloc.out_ioas_id;
+}
+
+/* cdev + iommufd: open, VFIO_DEVICE_BIND_IOMMUFD, IOMMU_IOAS_ALLOC, attach to the IOAS */
+static int open_device(const char *cdev, int *iommufd_out, uint32_t *ioas_out)
+{
+    int dev = open(cdev, O_RDWR | O_CLOEXEC);
+    if (dev < 0)
+        die(cdev);
+    bind_and_attach(dev, iommufd_out, ioas_out);
     return dev;
 }
 
@@ -375,22 +381,12 @@ static int cmd_blackout(const char *session, uint64_t ram_bytes, uint64_t iova, 
         struct liveupdate_session_retrieve_fd devr = { .size = sizeof(devr), .token = 2 };
         if (ioctl(ret.fd, LIVEUPDATE_SESSION_RETRIEVE_FD, &devr) < 0)
             die("LIVEUPDATE_SESSION_RETRIEVE_FD device");
-        int dev = devr.fd;
-        int iommufd = open("/dev/iommu", O_RDWR | O_CLOEXEC);
-        if (iommufd < 0)
-            die("/dev/iommu");
-        struct vfio_device_bind_iommufd bind = { .argsz = sizeof(bind), .iommufd = iommufd };
-        if (ioctl(dev, VFIO_DEVICE_BIND_IOMMUFD, &bind) < 0)
-            die("VFIO_DEVICE_BIND_IOMMUFD");
-        struct iommu_ioas_alloc alloc = { .size = sizeof(alloc) };
-        if (ioctl(iommufd, IOMMU_IOAS_ALLOC, &alloc) < 0)
-            die("IOMMU_IOAS_ALLOC");
-        struct vfio_device_attach_iommufd_pt attach = { .argsz = sizeof(attach), .pt_id = alloc.out_ioas_id };
-        if (ioctl(dev, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &attach) < 0)
-            die("VFIO_DEVICE_ATTACH_IOMMUFD_PT");
+        int dev = devr.fd, iommufd;
+        uint32_t ioas;
+        bind_and_attach(dev, &iommufd, &ioas);
         t_bound = now_ns();
         struct iommu_ioas_map_file map = {
-            .size = sizeof(map), .ioas_id = alloc.out_ioas_id, .fd = ram.fd, .start = 0,
+            .size = sizeof(map), .ioas_id = ioas, .fd = ram.fd, .start = 0,
             .length = ram_bytes, .iova = iova,
             .flags = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
         };
