@@ -12,8 +12,11 @@ from __future__ import annotations
 import enum
 import errno
 import os
+import struct
+import sys
 from collections import namedtuple
 
+from . import _speedups
 from ._cffi import ffi, lib
 from .errors import ArgumentOutOfRange, BadArgumentType, PyvfioError, WrongFdKind, error_for
 
@@ -245,6 +248,51 @@ def call(kind: FdKind, fd: int, name: str, arg: Any = None, /, *, target: str | 
     if ret < 0:
         raise error_for(-ret, name, target() if callable(target) else target)
     return arg
+
+
+rw = _speedups.ioctl_rw  # the lean paths' one call: see template()
+
+
+def template(struct: str) -> bytes:
+    """A zeroed ``struct`` with its leading ``size``/``argsz`` field set to its size: the
+    argument the lean paths hand to :func:`rw` (``_speedups.ioctl_rw``: one builtin call that
+    copies it, issues the ioctl with the GIL held and returns the struct the kernel left,
+    or ``-errno``). Every uAPI struct here starts with that ``__u32`` field."""
+    size: int = ffi.sizeof(f"struct {struct}")
+    assert ffi.offsetof(f"struct {struct}", _size_field(struct)) == 0
+    return size.to_bytes(4, sys.byteorder) + bytes(size - 4)
+
+
+def layout(struct_name: str, fields: str) -> struct.Struct:
+    """``struct <struct_name>`` as a ``struct.Struct`` in native byte order, built from cffi's
+    own view of it (every field at the offset and size the C compiler gave, padding
+    included), for the lean paths that pack an argument or unpack a result in one call.
+    ``fields`` names the struct's fields in order: a changed uAPI struct fails here, at
+    import, not in a kernel call."""
+    ctype = ffi.typeof(f"struct {struct_name}")
+    names = tuple(name for name, _field in ctype.fields)
+    if names != tuple(fields.split()):
+        raise AssertionError(f"struct {struct_name} has fields {names}, not {fields}")
+    fmt, at = "=", 0
+    for _name, field in ctype.fields:
+        ftype = field.type
+        if ftype.kind == "array" and ftype.length is None:  # a flexible array: not in sizeof
+            break
+        size = ffi.sizeof(ftype)
+        if field.offset > at:
+            fmt += f"{field.offset - at}x"
+        if ftype.kind == "primitive":
+            code = {1: "b", 2: "h", 4: "i", 8: "q"}[size]
+            fmt += code if ftype.cname.startswith("int") else code.upper()
+        elif ftype.kind == "array" and ftype.item.kind == "primitive" and size == ftype.length:
+            fmt += f"{size}s"
+        else:
+            raise TypeError(f"layout: field {_name} of struct {struct_name} is a {ftype.cname}")
+        at = field.offset + size
+    fmt += f"{ffi.sizeof(ctype) - at}x" if ffi.sizeof(ctype) > at else ""
+    packer = struct.Struct(fmt)
+    assert packer.size == ffi.sizeof(ctype), (struct_name, fmt)
+    return packer
 
 
 def bad_field(name: str, field: str, value: object, exc: Exception, target: Any = "") -> PyvfioError:

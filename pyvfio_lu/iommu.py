@@ -23,6 +23,9 @@ import errno
 import mmap as _mmap
 import os
 from collections import namedtuple
+from functools import partial
+from itertools import repeat
+from operator import is_, itemgetter
 
 from ._cffi import ffi, lib
 from .errors import (
@@ -39,7 +42,7 @@ from .errors import (
     error_for,
 )
 from .fd import FileLike, OwnedFd, fileno_of
-from .ioctl import FdKind, call
+from .ioctl import FdKind, call, layout, rw
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
@@ -51,6 +54,7 @@ if TYPE_CHECKING:
 MODES = ("iommufd", "vfio_type1_iommu", "vfio_type1v2_iommu", "iommufd_compat_type1", "iommufd_compat_type1v2")
 PAGE = _mmap.PAGESIZE
 U64_MAX = 2**64 - 1
+_PAGE_MASK = PAGE - 1
 _TYPE = {"vfio_type1_iommu": "VFIO_TYPE1_IOMMU", "vfio_type1v2_iommu": "VFIO_TYPE1v2_IOMMU",
          "iommufd_compat_type1": "VFIO_TYPE1_IOMMU", "iommufd_compat_type1v2": "VFIO_TYPE1v2_IOMMU"}
 
@@ -149,26 +153,55 @@ class _Pins(dict[int, int]):
     def add(self, owner: int, n: int = 1) -> None:
         self[owner] = self.get(owner, 0) + n
 
-    def discard(self, owner: int) -> None:
-        left = self.get(owner, 0) - 1
+    def discard(self, owner: int, n: int = 1) -> None:
+        left = self.get(owner, 0) - n
         if left > 0:
             self[owner] = left
         else:
             self.pop(owner, None)
 
 
-class Mapping:
+if TYPE_CHECKING:
+    class _MappingFields(NamedTuple):
+        iova: int
+        size: int
+        vaddr: int | None
+        keepalive: Any = None
+else:
+    _MappingFields = namedtuple("Mapping", "iova size vaddr keepalive", defaults=(None,))
+
+
+class Mapping(_MappingFields):
     """One DMA mapping: ``vaddr`` is None for IOMMU_IOAS_MAP_FILE mappings; ``keepalive``
-    holds the buffer (and its export) so it cannot go away while mapped."""
+    holds the buffer (and its export) so it cannot go away while mapped. A tuple (the batch
+    paths make one without a Python call per mapping) compared, like any object, by
+    identity: two mappings of the same range at different times are different mappings."""
 
-    __slots__ = ("iova", "size", "vaddr", "keepalive")
-
-    def __init__(self, iova: int, size: int, vaddr: int | None, keepalive: Any = None):
-        self.iova, self.size, self.vaddr, self.keepalive = iova, size, vaddr, keepalive
+    __slots__ = ()
 
     def __repr__(self) -> str:
         where = "file" if self.vaddr is None else f"vaddr={self.vaddr:#x}"
         return f"<Mapping iova={self.iova:#x} size={self.size:#x} {where}>"
+
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
+    __hash__ = object.__hash__  # keepalive may be unhashable
+
+
+_new_mapping = partial(tuple.__new__, Mapping)  # Mapping from an (iova, size, vaddr, keepalive) tuple, in C
+_iova_of, _size_of, _keep_of = itemgetter(0), itemgetter(1), itemgetter(3)
+
+# the lean single map/unmap: the argument packed and the ioctl issued in one builtin call
+_IOAS_MAP = layout("iommu_ioas_map", "size flags ioas_id __reserved user_va length iova")
+_IOAS_UNMAP = layout("iommu_ioas_unmap", "size ioas_id iova length")
+_T1_MAP = layout("vfio_iommu_type1_dma_map", "argsz flags vaddr iova size")
+_T1_UNMAP = layout("vfio_iommu_type1_dma_unmap", "argsz flags iova size data")
+_HOLD_GIL_MAX = 1 << 20  # a map or unmap of more than this releases the GIL (pinning pages takes time)
+_IOAS_MAP_REQ, _IOAS_UNMAP_REQ = lib.IOMMU_IOAS_MAP, lib.IOMMU_IOAS_UNMAP
+_T1_MAP_REQ, _T1_UNMAP_REQ = lib.VFIO_IOMMU_MAP_DMA, lib.VFIO_IOMMU_UNMAP_DMA
+_IOAS_MAP_FIXED, _IOAS_MAP_R, _IOAS_MAP_W = (lib.IOMMU_IOAS_MAP_FIXED_IOVA, lib.IOMMU_IOAS_MAP_READABLE,
+                                            lib.IOMMU_IOAS_MAP_WRITEABLE)
+_T1_MAP_R, _T1_MAP_W = lib.VFIO_DMA_MAP_FLAG_READ, lib.VFIO_DMA_MAP_FLAG_WRITE
 
 
 class IovaAllocator:
@@ -363,6 +396,10 @@ class Iommu:
         """DMA-map ``buffer`` (a DmaBuffer, mmap, bytearray, or any writable contiguous
         buffer; or a raw address with ``unsafe_address=True``) at ``iova`` (allocated when
         None). The buffer is kept alive until it is unmapped. UNSAFE: see the module doc."""
+        if (type(buffer) is int and unsafe_address is True and type(iova) is int and type(size) is int
+                and 0 <= buffer <= U64_MAX and 0 <= iova <= U64_MAX and 0 < size <= U64_MAX
+                and not (buffer | iova | size) & _PAGE_MASK):
+            return self._map_address(buffer, iova, size, readable, writeable)
         if isinstance(buffer, int):
             if not unsafe_address:
                 raise UnsafeOperation(errno.EINVAL, "DMA map", f"address {buffer:#x}",
@@ -402,6 +439,26 @@ class Iommu:
         m = Mapping(iova, length, vaddr, None if isinstance(buffer, int) else (buffer, export))
         if isinstance(buffer, DmaBuffer):
             buffer.mapped_by.add(id(self))
+        self.mappings[iova] = m
+        return m
+
+    def _map_address(self, vaddr: int, iova: int, size: int, readable: bool, writeable: bool) -> Mapping:
+        """map() of a checked raw address: the argument packed and the ioctl issued in one
+        builtin call (the GIL released only for more than a MiB)."""
+        if self.ioas_id is not None and self.mode == "iommufd":
+            flags = _IOAS_MAP_FIXED | (_IOAS_MAP_R if readable else 0) | (_IOAS_MAP_W if writeable else 0)
+            got = rw(self.fd._fd, _IOAS_MAP_REQ,
+                     _IOAS_MAP.pack(_IOAS_MAP.size, flags, self.ioas_id, 0, vaddr, size, iova), size > _HOLD_GIL_MAX)
+            operation = "IOMMU_IOAS_MAP"
+        else:
+            flags = (_T1_MAP_R if readable else 0) | (_T1_MAP_W if writeable else 0)
+            got = rw(self.fd._fd, _T1_MAP_REQ, _T1_MAP.pack(_T1_MAP.size, flags, vaddr, iova, size),
+                     size > _HOLD_GIL_MAX)
+            operation = "VFIO_IOMMU_MAP_DMA"
+        if not isinstance(got, bytes):
+            self.fileno()  # a closed Iommu is named as every verb names it
+            raise error_for(-got, operation, f"{self.target} iova {iova:#x} size {size:#x}")
+        m: Mapping = _new_mapping((iova, size, vaddr, None))
         self.mappings[iova] = m
         return m
 
@@ -449,7 +506,8 @@ class Iommu:
             flags = (lib.VFIO_DMA_MAP_FLAG_READ if readable else 0) | (lib.VFIO_DMA_MAP_FLAG_WRITE if writeable else 0)
             done = lib.pvl_type1_map_many(self.fileno(), flags, n, base, arrays[0], arrays[1], arrays[2], err)
             operation = "VFIO_IOMMU_MAP_DMA"
-        made = [Mapping(i, s, base + o, keep) for o, i, s in zip(offsets[:done], iovas[:done], sizes[:done])]
+        # the Mappings made in C (no Python call per piece): (iova, size, base + offset, keep)
+        made = list(map(_new_mapping, zip(iovas[:done], sizes[:done], map(base.__add__, offsets[:done]), repeat(keep))))
         self.mappings.update(zip(iovas[:done], made))
         if isinstance(buffer, DmaBuffer) and done:
             buffer.mapped_by.add(id(self), done)
@@ -469,17 +527,10 @@ class Iommu:
         the ranges before it are unmapped and forgotten, and the error carries ``index``.
         Bookkeeping follows what the kernel reports for each range. Returns the bytes unmapped."""
         ranges = check_sequence(ranges, "ranges", "DMA unmap", self.target)
-        iovas, sizes = [], []
-        for i, r in enumerate(ranges):
-            if isinstance(r, Mapping):
-                iovas.append(r.iova)
-                sizes.append(r.size)
-            elif isinstance(r, tuple) and len(r) == 2:
-                iovas.append(check_int(r[0], f"range {i} iova", 0, U64_MAX, "DMA unmap", self.target))
-                sizes.append(check_int(r[1], f"range {i} size", 1, U64_MAX, "DMA unmap", self.target))
-            else:
-                raise BadArgumentType(errno.EINVAL, "DMA unmap", self.target,
-                                      f"range {i} is a Mapping or an (iova, size) pair, not {type(r).__name__}")
+        if all(map(isinstance, ranges, repeat(Mapping))):  # the usual case: no Python loop
+            iovas, sizes = list(map(_iova_of, ranges)), list(map(_size_of, ranges))
+        else:
+            iovas, sizes = self._unmap_columns(ranges)
         n = len(iovas)
         out = ffi.new("uint64_t[]", n or 1)
         err = ffi.new("int *")
@@ -492,14 +543,8 @@ class Iommu:
             done = lib.pvl_type1_unmap_many(self.fileno(), n, iovas, sizes, out, err)
             operation = "VFIO_IOMMU_UNMAP_DMA"
         lengths = ffi.unpack(out, done)
-        mappings = self.mappings
-        for iova, size, got in zip(iovas, sizes, lengths):
-            m = mappings.get(iova)
-            if m is not None and m.size == size == got:  # the usual case, inline
-                del mappings[iova]
-                if m.keepalive:
-                    self._release(m)
-            else:
+        if not self._forget_many(ranges, iovas[:done], sizes[:done], lengths):
+            for iova, size, got in zip(iovas, sizes, lengths):
                 self._forget_done(iova, size, got)
         if done < n:
             exc = error_for(err[0], operation, f"{self.target} range {done} of {n} (iova {iovas[done]:#x} size "
@@ -508,6 +553,43 @@ class Iommu:
             exc.index = done
             raise exc
         return sum(lengths)
+
+    def _forget_many(self, ranges: Any, iovas: list[int], sizes: list[int], lengths: list[int]) -> bool:
+        """The bookkeeping of unmap_many in the usual case, with no Python call per range:
+        every range a listed Mapping, unmapped whole, all of one buffer. False (and nothing
+        changed) otherwise: the caller then goes range by range."""
+        if lengths != sizes:
+            return False
+        mappings = self.mappings
+        listed: list[Any] = list(map(mappings.get, iovas))
+        if not all(map(is_, listed, ranges)):
+            return False
+        keeps = list(map(_keep_of, listed))
+        if keeps and keeps.count(keeps[0]) != len(keeps):  # several buffers: one by one
+            return False
+        for iova in iovas:
+            del mappings[iova]
+        keep = keeps[0] if keeps else None
+        if keep and isinstance(keep[0], DmaBuffer):
+            keep[0].mapped_by.discard(id(self), len(keeps))
+        elif keep:
+            for m in listed:
+                self._release(m)
+        return True
+
+    def _unmap_columns(self, ranges: Any) -> tuple[list[int], list[int]]:
+        iovas, sizes = [], []
+        for i, r in enumerate(ranges):
+            if isinstance(r, Mapping):
+                iovas.append(r.iova)
+                sizes.append(r.size)
+            elif isinstance(r, tuple) and len(r) == 2:
+                iovas.append(check_int(r[0], f"range {i} iova", 0, U64_MAX, "DMA unmap", self.target))
+                sizes.append(check_int(r[1], f"range {i} size", 1, U64_MAX, "DMA unmap", self.target))
+            else:
+                raise BadArgumentType(errno.EINVAL, "DMA unmap", self.target,
+                                      f"range {i} is a Mapping or an (iova, size) pair, not {type(r).__name__}")
+        return iovas, sizes
 
     def map_file(self, file: FileLike, iova: int | None = None, *, offset: int = 0, size: int,
                  readable: bool = True, writeable: bool = True) -> Mapping:
@@ -535,6 +617,8 @@ class Iommu:
 
     def unmap(self, mapping: Mapping | int, size: int | None = None) -> int:
         """Unmap a Mapping (or ``iova``, ``size``); returns the bytes unmapped."""
+        if type(mapping) is Mapping and size is None and self.mappings.get(mapping[0]) is mapping:
+            return self._unmap_listed(mapping)
         if isinstance(mapping, Mapping):
             iova, size = mapping.iova, mapping.size
         else:
@@ -559,6 +643,26 @@ class Iommu:
             raise NotFound(errno.ENOENT, "DMA unmap", target(), "nothing is mapped in that IOVA range")
         self._forget_done(iova, size, done)
         return done
+
+    def _unmap_listed(self, mapping: Mapping) -> int:
+        """unmap() of a Mapping made here: the argument packed and the ioctl issued in one
+        builtin call (the GIL released only for more than a MiB)."""
+        iova, size = mapping[0], mapping[1]
+        if self.ioas_id is not None and self.mode == "iommufd":
+            got = rw(self.fd._fd, _IOAS_UNMAP_REQ, _IOAS_UNMAP.pack(_IOAS_UNMAP.size, self.ioas_id, iova, size),
+                     size > _HOLD_GIL_MAX)
+            operation, done = "IOMMU_IOAS_UNMAP", _IOAS_UNMAP.unpack(got)[3] if type(got) is bytes else 0
+        else:
+            got = rw(self.fd._fd, _T1_UNMAP_REQ, _T1_UNMAP.pack(_T1_UNMAP.size, 0, iova, size), size > _HOLD_GIL_MAX)
+            operation, done = "VFIO_IOMMU_UNMAP_DMA", _T1_UNMAP.unpack(got)[3] if type(got) is bytes else 0
+        if not isinstance(got, bytes):
+            self.fileno()  # a closed Iommu is named as every verb names it
+            raise error_for(-got, operation, f"{self.target} iova {iova:#x} size {size:#x}")
+        if done == 0:  # type1 answers 0 bytes for a range with nothing mapped; iommufd says ENOENT
+            raise NotFound(errno.ENOENT, "DMA unmap", f"{self.target} iova {iova:#x} size {size:#x}",
+                           "nothing is mapped in that IOVA range")
+        self._forget_done(iova, size, done)
+        return int(done)
 
     def _forget_done(self, iova: int, size: int, done: int) -> None:
         """Bookkeeping after an unmap, following what the kernel did (``done`` bytes):

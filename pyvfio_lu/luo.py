@@ -46,7 +46,11 @@ from .errors import (
     error_for,
 )
 from .fd import FileLike, OwnedFd, fileno_of
-from .ioctl import FdKind, call, fd_kind
+from .ioctl import FdKind, call, fd_kind, rw, template
+
+_GET_NAME = lib.LIVEUPDATE_SESSION_GET_NAME
+_GET_NAME_ARG = template("liveupdate_session_get_name")
+_NAME_AT = ffi.offsetof("struct liveupdate_session_get_name", "name")
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
@@ -394,7 +398,11 @@ class Session:
 
     def get_name(self) -> str:
         """The session's name as the kernel reports it (LIVEUPDATE_SESSION_GET_NAME)."""
-        return get_name(self.fileno(), self._target)
+        # the lean path: one builtin call (a closed session's fd reads -1: EBADF, named below)
+        got = rw(self._fd._fd, _GET_NAME, _GET_NAME_ARG, False)
+        if type(got) is bytes:
+            return got[_NAME_AT:].partition(b"\0")[0].decode(errors="surrogateescape")
+        return get_name(self.fileno(), self._target)  # SessionClosed, or the kernel's refusal named
 
     def _target(self) -> str:
         return self.target
@@ -451,6 +459,9 @@ class Session:
 
 
 def get_name(fd: int, target: str | Callable[[], str] = "") -> str:
+    got = rw(fd, _GET_NAME, _GET_NAME_ARG, False) if type(fd) is int else None
+    if type(got) is bytes:
+        return got[_NAME_AT:].partition(b"\0")[0].decode(errors="surrogateescape")
     arg = call(FdKind.LUO_SESSION, fd, "LIVEUPDATE_SESSION_GET_NAME", target=target or (lambda: f"session fd {fd}"))
     name: bytes = ffi.string(ffi.cast("char *", arg.name), 64)
     return name.decode(errors="surrogateescape")

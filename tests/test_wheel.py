@@ -138,6 +138,8 @@ def test_wheel_is_abi3_manylinux(wheel, record_property):
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
     assert "pyvfio_lu/_cffi.abi3.so" in names
+    assert "pyvfio_lu/_speedups.abi3.so" in names  # the hot paths' builtins, limited API too
+    assert "pyvfio_lu/_speedups.pyi" in names
     assert not [n for n in names if n.startswith(("cdefs/", "tests/"))], "build-time files in the wheel"
 
 

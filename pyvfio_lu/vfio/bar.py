@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 
+from .. import _speedups
 from .._cffi import ffi, lib
 from ..errors import ArgumentOutOfRange, BadArgumentType, InvalidArgument, RegisterTimeout, check_int, check_sequence
 from .records import RegionInfo, SparseArea
@@ -11,7 +12,6 @@ from .records import RegionInfo, SparseArea
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from typing import Any
 
 U64_MAX = 2**64 - 1
@@ -37,9 +37,14 @@ class Bar:
                 self.close()
                 raise
         self._ptr = self._maps[0][2] if len(self._maps) == 1 and self._maps[0][0] == 0 else None
-        if self._ptr is not None:  # per-instance fast paths, see _fast_read32 (close() drops them)
-            self.__dict__["read32"] = _fast_read32(self._ptr, self.size, self.read)
-            self.__dict__["write32"] = _fast_write32(self._ptr, self.size, self.write)
+        # a BAR mapped in one piece: its accessors are the Window's builtin methods (close()
+        # closes the Window first, so an accessor kept elsewhere then raises, never touches it)
+        self._window: _speedups.Window | None = None
+        if self._ptr is not None:
+            self._window = _speedups.Window(_address(self._ptr), self.size, self.read, self.write)
+            for width in _WIDTHS:
+                self.__dict__[f"read{width * 8}"] = getattr(self._window, f"read{width * 8}")
+                self.__dict__[f"write{width * 8}"] = getattr(self._window, f"write{width * 8}")
 
     @property
     def mapped(self) -> bool:
@@ -82,32 +87,15 @@ class Bar:
         else:
             self.device.region_write(self.info.index, offset, value.to_bytes(width, "little"))
 
+    # the general paths; a BAR mapped in one piece has its Window's accessors instead
     def read8(self, offset: int) -> int: return self.read(offset, 1)
     def read16(self, offset: int) -> int: return self.read(offset, 2)
+    def read32(self, offset: int) -> int: return self.read(offset, 4)
     def read64(self, offset: int) -> int: return self.read(offset, 8)
     def write8(self, offset: int, value: int) -> None: self.write(offset, value, 1)
     def write16(self, offset: int, value: int) -> None: self.write(offset, value, 2)
+    def write32(self, offset: int, value: int) -> None: self.write(offset, value, 4)
     def write64(self, offset: int, value: int) -> None: self.write(offset, value, 8)
-
-    def read32(self, offset: int) -> int:
-        # the hot path, kept flat: bounds, alignment, one volatile 32-bit load
-        ptr = self._ptr
-        try:
-            if ptr is not None and 0 <= offset <= self.size - 4 and not offset & 3:
-                return lib.pvl_mmio_read32(ptr, offset)
-        except TypeError:
-            pass
-        return self.read(offset, 4)
-
-    def write32(self, offset: int, value: int) -> None:
-        ptr = self._ptr
-        try:
-            if ptr is not None and 0 <= offset <= self.size - 4 and not offset & 3:
-                lib.pvl_mmio_write32(ptr, offset, value)
-                return
-        except (TypeError, OverflowError):
-            pass
-        self.write(offset, value, 4)
 
     # --- many registers at once: the loop in C ---------------------------------------------
     def _offsets(self, offsets: Any, width: int, what: str) -> tuple[int, Any]:
@@ -152,11 +140,12 @@ class Bar:
             for i, v in enumerate(got):
                 dest[i] = v
             return out
+        base = self._window.base if self._window else 0
         if dest is not None:
-            lib.pvl_mmio_read_block(self._ptr, width, n, arr, dest)
+            _speedups.read_block(base, width, n, _address(arr), _address(dest))
             return out
         buf = ffi.new("uint64_t[]", n or 1)
-        lib.pvl_mmio_read_block(self._ptr, width, n, arr, buf)
+        _speedups.read_block(base, width, n, _address(arr), _address(buf))
         values: list[int] = ffi.unpack(buf, n)
         return values
 
@@ -184,14 +173,24 @@ class Bar:
             for o, v in zip(ffi.unpack(arr, n), values):
                 self.write(int(o), v, width)
             return
-        lib.pvl_mmio_write_block(self._ptr, width, n, arr, vals)
+        _speedups.write_block(self._window.base if self._window else 0, width, n, _address(arr), _address(vals))
 
     def poll(self, offset: int, mask: int, value: int, timeout: float, width: int = 4) -> int:
         """Read the register at ``offset`` until ``register & mask == value`` or ``timeout``
-        seconds pass; the loop (reads and clock) runs in C with the GIL released. Returns
-        the matching register value; RegisterTimeout (with ``last``, the last value read, and
+        seconds pass; the loop (reads and clock) runs in C, with the GIL released once it
+        has to wait (a register that already matches costs one builtin call). Returns the
+        matching register value; RegisterTimeout (with ``last``, the last value read, and
         ``reads``) when the deadline passes. A BAR not mapped in one piece is polled from
         Python, at most every millisecond."""
+        window = self._window
+        if (window is not None and type(width) is int and width in _TOP and type(mask) is int
+                and type(value) is int and type(timeout) in (float, int)
+                and 0 <= mask <= _TOP[width] and 0 <= value <= _TOP[width] and 0 <= timeout <= 1e6):
+            got = window.poll(offset, width, mask, value, int(timeout * 1e9))  # None: a bad offset
+            if got is not None:
+                if got[0]:
+                    return int(got[1])
+                raise self._timeout(offset, mask, value, timeout, got[1], got[2])
         what = f"BAR{self.info.index} poll"
         self._check(offset, width)
         top = (1 << (8 * width)) - 1
@@ -200,18 +199,16 @@ class Bar:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 1e6:
             raise ArgumentOutOfRange(errno.EINVAL, what, self.device.name,
                                      f"timeout must be 0 to 1e6 seconds, not {timeout!r}")
-        if self._ptr is None:
-            return self._poll_slow(offset, mask, value, timeout, width, what)
-        last, reads = ffi.new("uint64_t *"), ffi.new("uint64_t *")
-        if lib.pvl_mmio_poll(self._ptr, width, offset, mask, value, int(timeout * 1e9), last, reads) == 0:
-            return int(last[0])
-        exc = RegisterTimeout(errno.ETIMEDOUT, what, self.device.name,
-                              f"register {offset:#x} & {mask:#x} never equalled {value:#x} in {timeout} s "
-                              f"({reads[0]} reads; last {last[0]:#x})")
-        exc.last, exc.reads = int(last[0]), int(reads[0])
-        raise exc
+        return self._poll_slow(offset, mask, value, timeout, width)
 
-    def _poll_slow(self, offset: int, mask: int, value: int, timeout: float, width: int, what: str) -> int:
+    def _timeout(self, offset: int, mask: int, value: int, timeout: float, last: int, reads: int) -> RegisterTimeout:
+        exc = RegisterTimeout(errno.ETIMEDOUT, f"BAR{self.info.index} poll", self.device.name,
+                              f"register {offset:#x} & {mask:#x} never equalled {value:#x} in {timeout} s "
+                              f"({reads} reads; last {last:#x})")
+        exc.last, exc.reads = int(last), int(reads)
+        return exc
+
+    def _poll_slow(self, offset: int, mask: int, value: int, timeout: float, width: int) -> int:
         import time
 
         deadline, reads = time.monotonic() + timeout, 0
@@ -221,53 +218,94 @@ class Bar:
             if got & mask == value:
                 return got
             if time.monotonic() >= deadline:
-                exc = RegisterTimeout(errno.ETIMEDOUT, what, self.device.name,
-                                      f"register {offset:#x} & {mask:#x} never equalled {value:#x} in {timeout} s "
-                                      f"({reads} reads; last {got:#x})")
-                exc.last, exc.reads = got, reads
-                raise exc
+                raise self._timeout(offset, mask, value, timeout, got, reads)
             time.sleep(0.001)
 
+    def block(self, offsets: Any, width: int = 4) -> RegisterBlock:
+        """A :class:`RegisterBlock`: the registers of ``width`` bytes at ``offsets``, checked
+        once (in the BAR, aligned; ArgumentOutOfRange naming the first bad one), so each
+        read or write of the whole block afterwards is one builtin call, the loop in C."""
+        return RegisterBlock(self, offsets, width)
+
     def close(self) -> None:
+        if self._window is not None:  # first: accessors and blocks kept elsewhere stop here
+            self._window.close()
+            self._window = None
         for _start, size, ptr in self._maps:
             lib.pvl_munmap(ptr, size)
         self._maps = []
         self._ptr = None
-        self.__dict__.pop("read32", None)
-        self.__dict__.pop("write32", None)
+        for width in _WIDTHS:
+            self.__dict__.pop(f"read{width * 8}", None)
+            self.__dict__.pop(f"write{width * 8}", None)
 
 
+class RegisterBlock:
+    """Registers of one width at fixed offsets of a BAR mapped in one piece, checked once.
 
+    :meth:`read` reads every register, in order, one volatile access each, into
+    :attr:`values` (a ``memoryview`` of native uint64 owned by the block, overwritten by the
+    next read: copy what you keep) and returns it; :meth:`write` writes :attr:`values` (or
+    the given values) in order. Each is one builtin call, the loop in C, with no Python
+    object per register. Once the BAR is closed both raise InvalidArgument."""
 
-def _fast_read32(ptr: Any, size: int, slow: Callable[[int, int], int]) -> Callable[[int], int]:
-    """Bar.read32 for a BAR mapped in one piece: the bounds live in closure cells, one cffi
-    call; any other offset goes to the general path (which raises for a bad one)."""
-    load, limit = lib.pvl_mmio_read32, size - 4
+    __slots__ = ("bar", "width", "_window", "_n", "_offsets", "_values", "values", "_offsets_at", "_values_at")
 
-    def read32(offset: int) -> int:
-        try:
-            if 0 <= offset <= limit and not offset & 3:
-                return load(ptr, offset)
-        except TypeError:  # not an int: the general path names it
-            pass
-        return slow(offset, 4)
+    def __init__(self, bar: Bar, offsets: Any, width: int = 4):
+        what = f"BAR{bar.info.index} block"
+        if bar._window is None:
+            raise InvalidArgument(errno.EINVAL, what, bar.device.name,
+                                  "a register block needs a BAR mapped in one piece (use read_block/write_block)")
+        n, checked = bar._offsets(offsets, width, what)
+        self.bar, self.width, self._window, self._n = bar, width, bar._window, n
+        self._offsets = ffi.new("uint64_t[]", n or 1)  # our own copy: the caller's cannot change under us
+        ffi.memmove(self._offsets, checked, 8 * n)
+        self._values = ffi.new("uint64_t[]", n or 1)
+        self.values = memoryview(ffi.buffer(self._values, 8 * n)).cast("B").cast("Q")
+        self._offsets_at, self._values_at = _address(self._offsets), _address(self._values)
 
-    return read32
+    def __len__(self) -> int:
+        return self._n
 
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        return tuple(ffi.unpack(self._offsets, self._n))
 
-def _fast_write32(ptr: Any, size: int, slow: Callable[[int, int, int], None]) -> Callable[[int, int], None]:
-    store, limit = lib.pvl_mmio_write32, size - 4
+    def read(self) -> memoryview:
+        """Read every register into :attr:`values` and return it."""
+        base = self._window.base
+        if not base:
+            raise self._closed("read")
+        _speedups.read_block(base, self.width, self._n, self._offsets_at, self._values_at)
+        return self.values
 
-    def write32(offset: int, value: int) -> None:
-        try:
-            if 0 <= offset <= limit and not offset & 3:
-                store(ptr, offset, value)
-                return
-        except (TypeError, OverflowError):  # a value that does not fit: the general path names it
-            pass
-        slow(offset, value, 4)
+    def write(self, values: Any = None) -> None:
+        """Write ``values`` (a sequence of as many ints, copied into :attr:`values` first), or
+        :attr:`values` as it is. Every value is checked to fit ``width`` bytes before the
+        first store; nothing is written when one does not (ArgumentOutOfRange names it)."""
+        base = self._window.base
+        if not base:
+            raise self._closed("write")
+        if values is not None:
+            self._fill(values)
+        bad = _speedups.write_block(base, self.width, self._n, self._offsets_at, self._values_at)
+        if bad < self._n:
+            raise ArgumentOutOfRange(errno.EINVAL, f"BAR{self.bar.info.index} block write", self.bar.device.name,
+                                     f"value {self.values[bad]:#x} (item {bad}) does not fit {self.width} bytes; "
+                                     "nothing was written")
 
-    return write32
+    def _fill(self, values: Any) -> None:
+        what, target = f"BAR{self.bar.info.index} block write", self.bar.device.name
+        if not isinstance(values, (list, tuple)):
+            values = _list_of(values, "values", what, target)
+        if len(values) != self._n:
+            raise InvalidArgument(errno.EINVAL, what, target, f"{self._n} registers but {len(values)} values")
+        arr = _u64_array(values, "value", what, target)
+        ffi.memmove(self._values, arr, 8 * self._n)
+
+    def _closed(self, verb: str) -> InvalidArgument:
+        return InvalidArgument(errno.EBADF, f"BAR{self.bar.info.index} block {verb}", self.bar.device.name,
+                               "the BAR is closed")
 
 
 def _list_of(values: Any, what: str, operation: str, target: str) -> list[Any] | tuple[Any, ...]:
@@ -299,5 +337,11 @@ def _u64_array(values: Any, what: str, operation: str, target: str) -> Any:
         raise
 
 
+def _address(cdata: Any) -> int:
+    return int(ffi.cast("uintptr_t", cdata))
+
+
+_WIDTHS = (1, 2, 4, 8)
+_TOP = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: U64_MAX}  # the largest value of each width
 _READ = {1: lib.pvl_mmio_read8, 2: lib.pvl_mmio_read16, 4: lib.pvl_mmio_read32, 8: lib.pvl_mmio_read64}
 _WRITE = {1: lib.pvl_mmio_write8, 2: lib.pvl_mmio_write16, 4: lib.pvl_mmio_write32, 8: lib.pvl_mmio_write64}

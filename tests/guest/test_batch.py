@@ -158,6 +158,74 @@ def test_poll_waits_in_c_for_the_register_and_times_out_by_name(dev):
     assert info.value.last == edu.ID and info.value.reads >= 1
 
 
+def test_register_block_reads_and_writes_in_one_call_and_checks_first(dev):
+    bar = dev.bar(0)
+    block = bar.block([edu.REG_ID, edu.REG_LIVENESS, edu.REG_ID])
+    bar.write32(edu.REG_LIVENESS, 0x0F0F0F0F)
+    values = block.read()
+    assert list(values) == [edu.ID, 0xF0F0F0F0, edu.ID] and len(block) == 3
+    assert block.read() is values  # the block's own buffer, overwritten by each read
+    wide = bar.block([edu.REG_DMA_SRC], width=8)
+    wide.write([0x1122334455667788])
+    assert bar.read64(edu.REG_DMA_SRC) == 0x1122334455667788 == wide.read()[0]
+    live = bar.block([edu.REG_LIVENESS, edu.REG_LIVENESS])
+    live.values[0], live.values[1] = 1, 1 << 32  # too wide for 4 bytes: nothing is written
+    with pytest.raises(errors.ArgumentOutOfRange, match="item 1"):
+        live.write()
+    assert bar.read32(edu.REG_LIVENESS) == 0xF0F0F0F0
+    with pytest.raises(errors.InvalidArgument, match="2 registers but 1"):
+        live.write([5])
+    for offsets in ([0, bar.size], [2], [-4]):  # outside, unaligned, negative: refused at creation
+        with pytest.raises(errors.PyvfioError):
+            bar.block(offsets)
+    offsets = array("Q", [edu.REG_ID])
+    mine = bar.block(offsets)
+    offsets[0] = bar.size * 2  # the block checked and copied its offsets: the caller's array is not used
+    assert list(mine.read()) == [edu.ID] and mine.offsets == (edu.REG_ID,)
+    bar.close()
+    with pytest.raises(errors.InvalidArgument, match="closed"):
+        block.read()
+
+
+def test_accessors_check_in_c_and_kept_after_close_never_touch_the_unmapped_bar(dev):
+    bar = dev.bar(0)
+    read32, write32 = bar.read32, bar.write32  # the Window's builtin methods
+    assert read32(edu.REG_ID) == edu.ID
+    for bad in (2, -4, bar.size, 1 << 70, "0", 1.0, True):  # the general path names each one
+        with pytest.raises(errors.PyvfioError):
+            read32(bad)
+    with pytest.raises(errors.PyvfioError):
+        write32(edu.REG_LIVENESS, 1 << 32)
+    with pytest.raises(errors.PyvfioError):
+        bar.poll(2, 1, 1, 0.1)
+    with pytest.raises(errors.PyvfioError):
+        bar.poll(edu.REG_ID, 1, 1, float("nan"))
+    bar.close()
+    # the mapping is gone: a kept accessor now takes the general path (pread/pwrite on the
+    # device fd), never the unmapped memory
+    assert read32(edu.REG_ID) == edu.ID
+    write32(edu.REG_LIVENESS, 0x0F0F0F0F)
+    assert bar.read32(edu.REG_LIVENESS) == 0xF0F0F0F0
+
+
+def test_lean_map_unmap_and_queries_name_their_failures(dev):
+    iommu = dev.iommu
+    info = dev.info()
+    assert info.num_regions >= 1 and info.is_pci and info.caps == ()
+    with DmaBuffer(4 * PAGE) as buf:
+        m = iommu.map(buf.address, IOVA, size=2 * PAGE, unsafe_address=True)
+        assert iommu.mappings[IOVA] is m and m.vaddr == buf.address
+        with pytest.raises(errors.PyvfioError) as refused:  # the same IOVA again
+            iommu.map(buf.address + 2 * PAGE, IOVA, size=2 * PAGE, unsafe_address=True)
+        assert refused.value.errno in (17, 22)  # EEXIST (iommufd), EEXIST/EINVAL (type1)
+        assert list(iommu.mappings) == [IOVA]
+        assert iommu.unmap(m) == 2 * PAGE and iommu.mappings == {}
+        with pytest.raises(errors.PyvfioError):
+            iommu.unmap(m)  # nothing mapped there now
+        with pytest.raises(errors.UnsafeOperation):
+            iommu.map(buf.address, IOVA, size=PAGE)  # a raw address still needs unsafe_address=True
+
+
 # --- LUO: many files in one call, across the kexec ---------------------------------------------
 class TestPreserveManyRetrieveMany:
     N = 300

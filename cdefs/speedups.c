@@ -1,0 +1,457 @@
+/*
+ * pyvfio_lu._speedups: the hot paths that must not pay a cffi call.
+ *
+ * Every cffi call releases and re-takes the GIL and converts its arguments through cffi's
+ * type machinery; under TCG that alone is about 2 us, several times a 32-bit MMIO load or a
+ * VFIO_DEVICE_GET_INFO. These functions are plain CPython builtins (METH_FASTCALL, the
+ * limited API of 3.10, set by setup.py, so the wheel stays abi3) and keep the GIL: they are only used for
+ * calls that cannot sleep for long (register access, the query ioctls, polls that match at
+ * once; a poll that has to wait releases the GIL while it waits).
+ *
+ * They take raw addresses (Python ints) of memory the calling object owns (a mapped BAR, a
+ * prepared argument struct): the module is private, its callers are pyvfio_lu's classes.
+ * A register accessor reads its mapping from a state list [base, size] that the Bar
+ * empties on close (size -1), so an accessor kept after close() cannot touch the unmapped
+ * BAR: every offset then goes to the Python fallback, which raises the named error.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <time.h>
+
+typedef PyObject *(*fastcall_fn)(PyObject *, PyObject *const *, Py_ssize_t);
+
+static int nargs_is(const char *name, Py_ssize_t nargs, Py_ssize_t want)
+{
+    if (nargs == want)
+        return 1;
+    PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, want, nargs);
+    return 0;
+}
+
+static int u64_of(PyObject *o, uint64_t *out)
+{
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    *out = v;
+    return 0;
+}
+
+/* An fd argument: any int; one outside the fd range becomes -1 (the ioctl answers EBADF). */
+static int fd_of(PyObject *o, long *out)
+{
+    int overflow;
+    long v = PyLong_AsLongAndOverflow(o, &overflow);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    *out = (overflow || v < 0 || v > INT32_MAX) ? -1 : v;
+    return 0;
+}
+
+static int long_of(PyObject *o, long *out)
+{
+    long v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    *out = v;
+    return 0;
+}
+
+/* ioctl(fd, request, address) -> the kernel's return value, or -errno */
+static PyObject *sp_ioctl(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    long fd;
+    uint64_t req, addr;
+    if (!nargs_is("ioctl", nargs, 3) || fd_of(args[0], &fd) || u64_of(args[1], &req) || u64_of(args[2], &addr))
+        return NULL;
+    if (fd < 0 || fd > INT32_MAX)
+        return PyLong_FromLong(-EBADF);
+    long ret = ioctl((int)fd, (unsigned long)req, (void *)(uintptr_t)addr);
+    return PyLong_FromLong(ret < 0 ? -errno : ret);
+}
+
+/* Largest argument ioctl_rw copies (every fixed-size uAPI struct it is used for is far smaller). */
+#define RW_MAX 512
+
+/* ioctl_rw(fd, request, data, release) -> bytes | int: copy data (the argument struct, its
+   size field set by the caller) into a buffer of our own, issue the ioctl, and return the
+   struct as the kernel left it; -errno on failure. One builtin call, no shared buffer (so
+   safe from several threads); the GIL is released around the ioctl only when release is
+   true (a call that may sleep: a large DMA map pins every page). */
+static PyObject *sp_ioctl_rw(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    long fd, ret;
+    uint64_t req;
+    char *data, buf[RW_MAX];
+    Py_ssize_t len;
+    int release;
+    if (!nargs_is("ioctl_rw", nargs, 4) || fd_of(args[0], &fd) || u64_of(args[1], &req))
+        return NULL;
+    if (PyBytes_AsStringAndSize(args[2], &data, &len) < 0)
+        return NULL;
+    if (len < (Py_ssize_t)sizeof(uint32_t) || len > RW_MAX) {
+        PyErr_SetString(PyExc_ValueError, "ioctl_rw: argument size out of range");
+        return NULL;
+    }
+    release = PyObject_IsTrue(args[3]);
+    if (release < 0)
+        return NULL;
+    if (fd < 0 || fd > INT32_MAX)
+        return PyLong_FromLong(-EBADF);
+    memcpy(buf, data, (size_t)len);
+    if (release) {
+        PyThreadState *ts = PyEval_SaveThread();
+        ret = ioctl((int)fd, (unsigned long)req, buf);
+        if (ret < 0)
+            ret = -errno;
+        PyEval_RestoreThread(ts);
+    } else {
+        ret = ioctl((int)fd, (unsigned long)req, buf);
+        if (ret < 0)
+            ret = -errno;
+    }
+    if (ret < 0)
+        return PyLong_FromLong(ret);
+    return PyBytes_FromStringAndSize(buf, len);
+}
+
+static uint64_t mmio_load(uintptr_t at, int width)
+{
+    switch (width) {
+    case 1: return *(volatile uint8_t *)at;
+    case 2: return *(volatile uint16_t *)at;
+    case 4: return *(volatile uint32_t *)at;
+    default: return *(volatile uint64_t *)at;
+    }
+}
+
+static void mmio_store(uintptr_t at, int width, uint64_t v)
+{
+    switch (width) {
+    case 1: *(volatile uint8_t *)at = (uint8_t)v; break;
+    case 2: *(volatile uint16_t *)at = (uint16_t)v; break;
+    case 4: *(volatile uint32_t *)at = (uint32_t)v; break;
+    default: *(volatile uint64_t *)at = v; break;
+    }
+}
+
+/* Window: a BAR mapped in one piece, as the register accessors see it. Its methods
+   read8..read64 / write8..write64 are what a Bar installs as its own attributes (bound
+   builtin methods: one call, no Python frame). close() turns every access into a call of
+   the fallback (the Bar's general read/write, which raises the named error), so an
+   accessor kept after the Bar is closed never touches the unmapped BAR. */
+typedef struct {
+    PyObject_HEAD
+    uintptr_t base;
+    long long size;          /* -1 once closed */
+    PyObject *read_fallback;  /* read_fallback(offset, width) */
+    PyObject *write_fallback; /* write_fallback(offset, value, width) */
+} Window;
+
+static uintptr_t window_address(Window *w, PyObject *offset, int width)
+{
+    unsigned long long off;
+    if (w->size < width || !PyLong_CheckExact(offset))
+        return 0;
+    off = PyLong_AsUnsignedLongLong(offset);
+    if (off == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (off > (unsigned long long)(w->size - width) || off & (unsigned long long)(width - 1))
+        return 0;
+    return w->base + (uintptr_t)off;
+}
+
+static PyObject *window_read(Window *w, PyObject *const *args, Py_ssize_t nargs, int width, const char *name)
+{
+    uintptr_t at;
+    if (!nargs_is(name, nargs, 1))
+        return NULL;
+    at = window_address(w, args[0], width);
+    if (!at) {  /* not a valid offset, or closed: the Python path names the error */
+        PyObject *wd = PyLong_FromLong(width), *r;
+        if (!wd)
+            return NULL;
+        r = PyObject_CallFunctionObjArgs(w->read_fallback, args[0], wd, NULL);
+        Py_DECREF(wd);
+        return r;
+    }
+    return PyLong_FromUnsignedLongLong(mmio_load(at, width));
+}
+
+static PyObject *window_write(Window *w, PyObject *const *args, Py_ssize_t nargs, int width, const char *name)
+{
+    uintptr_t at;
+    uint64_t v;
+    if (!nargs_is(name, nargs, 2))
+        return NULL;
+    at = window_address(w, args[0], width);
+    if (at && PyLong_CheckExact(args[1])) {
+        v = PyLong_AsUnsignedLongLong(args[1]);
+        if (v == (uint64_t)-1 && PyErr_Occurred())
+            PyErr_Clear();
+        else if (width == 8 || v >> (8 * width) == 0) {
+            mmio_store(at, width, v);
+            Py_RETURN_NONE;
+        }
+    }
+    PyObject *wd = PyLong_FromLong(width), *r;
+    if (!wd)
+        return NULL;
+    r = PyObject_CallFunctionObjArgs(w->write_fallback, args[0], args[1], wd, NULL);
+    Py_DECREF(wd);
+    return r;
+}
+
+#define WINDOW_ACCESSORS(bits, width)                                                              \
+    static PyObject *w_read##bits(PyObject *self, PyObject *const *args, Py_ssize_t n)             \
+    { return window_read((Window *)self, args, n, width, "read" #bits); }                          \
+    static PyObject *w_write##bits(PyObject *self, PyObject *const *args, Py_ssize_t n)            \
+    { return window_write((Window *)self, args, n, width, "write" #bits); }
+
+WINDOW_ACCESSORS(8, 1)
+WINDOW_ACCESSORS(16, 2)
+WINDOW_ACCESSORS(32, 4)
+WINDOW_ACCESSORS(64, 8)
+
+static PyObject *window_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    unsigned long long base;
+    long long size;
+    PyObject *rf, *wf;
+    if (!PyArg_ParseTuple(args, "KLOO:Window", &base, &size, &rf, &wf))
+        return NULL;
+    if (!base || size < 0) {
+        PyErr_SetString(PyExc_ValueError, "Window: a mapped address and a size");
+        return NULL;
+    }
+    allocfunc alloc = (allocfunc)PyType_GetSlot(type, Py_tp_alloc);
+    Window *w = (Window *)alloc(type, 0);
+    if (!w)
+        return NULL;
+    w->base = (uintptr_t)base;
+    w->size = size;
+    Py_INCREF(rf);
+    Py_INCREF(wf);
+    w->read_fallback = rf;
+    w->write_fallback = wf;
+    return (PyObject *)w;
+}
+
+static int window_traverse(PyObject *self, visitproc visit, void *arg)
+{
+    Window *w = (Window *)self;
+    Py_VISIT(w->read_fallback);
+    Py_VISIT(w->write_fallback);
+    Py_VISIT(Py_TYPE(self));
+    return 0;
+}
+
+static int window_clear(PyObject *self)
+{
+    Window *w = (Window *)self;
+    Py_CLEAR(w->read_fallback);
+    Py_CLEAR(w->write_fallback);
+    return 0;
+}
+
+static void window_dealloc(PyObject *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    window_clear(self);
+    freefunc tp_free = (freefunc)PyType_GetSlot(type, Py_tp_free);
+    tp_free(self);
+    Py_DECREF(type);
+}
+
+static PyObject *window_close(PyObject *self, PyObject *unused)
+{
+    ((Window *)self)->size = -1;
+    ((Window *)self)->base = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *window_get_size(PyObject *self, void *closure)
+{
+    return PyLong_FromLongLong(((Window *)self)->size);
+}
+
+static PyObject *window_get_base(PyObject *self, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(((Window *)self)->base);
+}
+
+static PyObject *window_poll(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+
+#define WFAST(name, fn, doc) {name, (PyCFunction)(void (*)(void))(fastcall_fn)fn, METH_FASTCALL, doc}
+
+static PyMethodDef window_methods[] = {
+    WFAST("read8", w_read8, "read8(offset)"), WFAST("read16", w_read16, "read16(offset)"),
+    WFAST("read32", w_read32, "read32(offset)"), WFAST("read64", w_read64, "read64(offset)"),
+    WFAST("write8", w_write8, "write8(offset, value)"), WFAST("write16", w_write16, "write16(offset, value)"),
+    WFAST("write32", w_write32, "write32(offset, value)"), WFAST("write64", w_write64, "write64(offset, value)"),
+    WFAST("poll", window_poll, "poll(offset, width, mask, want, timeout_ns) -> (matched, last, reads), or None"),
+    {"close", window_close, METH_NOARGS, "every later access goes to the fallbacks"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef window_getset[] = {
+    {"size", window_get_size, NULL, "the BAR's size; -1 once closed", NULL},
+    {"base", window_get_base, NULL, "the mapping's address; 0 once closed", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot window_slots[] = {
+    {Py_tp_new, window_new},
+    {Py_tp_dealloc, window_dealloc},
+    {Py_tp_traverse, window_traverse},
+    {Py_tp_clear, window_clear},
+    {Py_tp_methods, window_methods},
+    {Py_tp_getset, window_getset},
+    {Py_tp_doc, "Window(base, size, read_fallback, write_fallback): a BAR mapped in one piece"},
+    {0, NULL},
+};
+
+static PyType_Spec window_spec = {
+    "pyvfio_lu._speedups.Window", sizeof(Window), 0,
+    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, window_slots,
+};
+
+static int width_ok(long width)
+{
+    if (width == 1 || width == 2 || width == 4 || width == 8)
+        return 1;
+    PyErr_SetString(PyExc_ValueError, "width must be 1, 2, 4 or 8");
+    return 0;
+}
+
+/* Blocks longer than this release the GIL (under KVM each access is a VM exit of a
+   microsecond or more; other threads should not wait a millisecond for a block). */
+#define LONG_BLOCK 1024
+
+/* read_block(base, width, n, offsets, out): out[i] = register at offsets[i], in order.
+   The offsets were checked by the caller when the block was prepared. */
+static PyObject *sp_read_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t base, n, offs, out, i;
+    long width;
+    if (!nargs_is("read_block", nargs, 5) || u64_of(args[0], &base) || long_of(args[1], &width)
+        || u64_of(args[2], &n) || u64_of(args[3], &offs) || u64_of(args[4], &out) || !width_ok(width))
+        return NULL;
+    const uint64_t *o = (const uint64_t *)(uintptr_t)offs;
+    uint64_t *d = (uint64_t *)(uintptr_t)out;
+    PyThreadState *ts = n > LONG_BLOCK ? PyEval_SaveThread() : NULL;
+    for (i = 0; i < n; i++)
+        d[i] = mmio_load((uintptr_t)base + o[i], (int)width);
+    if (ts)
+        PyEval_RestoreThread(ts);
+    Py_RETURN_NONE;
+}
+
+/* write_block(base, width, n, offsets, values) -> n, after register at offsets[i] = values[i]
+   for each i in order; or the index of the first value wider than width, and nothing written */
+static PyObject *sp_write_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t base, n, offs, vals, i;
+    long width;
+    if (!nargs_is("write_block", nargs, 5) || u64_of(args[0], &base) || long_of(args[1], &width)
+        || u64_of(args[2], &n) || u64_of(args[3], &offs) || u64_of(args[4], &vals) || !width_ok(width))
+        return NULL;
+    const uint64_t *o = (const uint64_t *)(uintptr_t)offs;
+    const uint64_t *v = (const uint64_t *)(uintptr_t)vals;
+    if (width < 8)
+        for (i = 0; i < n; i++)
+            if (v[i] >> (8 * width))
+                return PyLong_FromUnsignedLongLong(i);
+    PyThreadState *ts = n > LONG_BLOCK ? PyEval_SaveThread() : NULL;
+    for (i = 0; i < n; i++)
+        mmio_store((uintptr_t)base + o[i], (int)width, v[i]);
+    if (ts)
+        PyEval_RestoreThread(ts);
+    return PyLong_FromUnsignedLongLong(n);
+}
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Window.poll(offset, width, mask, want, timeout_ns) -> (matched, last value, reads), or None
+   when the offset is not in the window (or it is closed). The first read keeps the GIL (a
+   register that already matches costs one builtin call); the wait releases it. */
+static PyObject *window_poll(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Window *w = (Window *)self;
+    uint64_t mask, want, v, reads = 1;
+    long width;
+    long long timeout;
+    int matched;
+    uintptr_t at;
+    if (!nargs_is("poll", nargs, 5) || long_of(args[1], &width) || !width_ok(width)
+        || u64_of(args[2], &mask) || u64_of(args[3], &want))
+        return NULL;
+    timeout = PyLong_AsLongLong(args[4]);
+    if (timeout == -1 && PyErr_Occurred())
+        return NULL;
+    at = window_address(w, args[0], (int)width);
+    if (!at)
+        Py_RETURN_NONE;
+    v = mmio_load(at, (int)width);
+    matched = (v & mask) == want;
+    if (!matched) {
+        PyThreadState *ts = PyEval_SaveThread();
+        int64_t deadline = now_ns() + timeout;
+        for (;;) {
+            v = mmio_load(at, (int)width);
+            reads++;
+            if ((v & mask) == want) {
+                matched = 1;
+                break;
+            }
+            if (now_ns() >= deadline)
+                break;
+        }
+        PyEval_RestoreThread(ts);
+    }
+    return Py_BuildValue("(OKK)", matched ? Py_True : Py_False, (unsigned long long)v, (unsigned long long)reads);
+}
+
+#define FAST(name, fn, doc) {name, (PyCFunction)(void (*)(void))(fastcall_fn)fn, METH_FASTCALL, doc}
+
+static PyMethodDef methods[] = {
+    FAST("ioctl", sp_ioctl, "ioctl(fd, request, address) -> return value or -errno (GIL held)"),
+    FAST("ioctl_rw", sp_ioctl_rw,
+         "ioctl_rw(fd, request, data, release) -> the struct after the call (bytes), or -errno"),
+    FAST("read_block", sp_read_block, "read_block(base, width, n, offsets, out)"),
+    FAST("write_block", sp_write_block, "write_block(base, width, n, offsets, values) -> n, or the first value too wide"),
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "pyvfio_lu._speedups",
+    "Hot paths as CPython builtins (GIL held, no cffi call): private to pyvfio_lu.", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__speedups(void)
+{
+    PyObject *m = PyModule_Create(&module), *window;
+    if (!m)
+        return NULL;
+    window = PyType_FromSpec(&window_spec);
+    if (!window || PyModule_AddObject(m, "Window", window) < 0) {
+        Py_XDECREF(window);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
