@@ -54,7 +54,8 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for run in runs:
         for r in run.get("import_rows") or []:
             imports.setdefault(r["module"], []).append(r["guest_best_ns"])
-    return {"rows": rows, "blackout": blackout, "imports": imports, "n": len(runs)}
+    rss = [run["rss_summary"] for run in runs if run.get("rss_summary")]
+    return {"rows": rows, "blackout": blackout, "imports": imports, "n": len(runs), "rss": rss}
 
 
 def swing(rows: list[dict[str, Any]]) -> tuple[float, float]:
@@ -102,6 +103,15 @@ def render(runs: list[dict[str, Any]], names: list[str]) -> str:
                  f"median of each run's samples: Python {', '.join(fmt_ns(x) for x in b['runs_python_ns'])}; "
                  f"C {', '.join(fmt_ns(x) for x in b['runs_c_ns'])}. Median run: Python "
                  f"{fmt_ns(b['python_total_ns'])} against the {fmt_ns(b['target_ns'])} target: **{verdict}**."), ""]
+    if c["rss"]:
+        above = [r["above_kib"] for r in c["rss"]]
+        mid_r = c["rss"][_median_index(above)]
+        verdict = "met" if mid_r["met"] else "missed"
+        out += ["## Peak RSS with 2000 sessions, over the runs", "",
+                (f"Peak RSS above an empty interpreter with {mid_r['sessions']} sessions held (one memfd each): "
+                 f"{', '.join(f'{a / 1024:.1f} MiB' for a in above)}; median run {mid_r['above_kib'] / 1024:.1f} MiB "
+                 f"({mid_r['held_kib'] / 1024:.1f} MiB against {mid_r['empty_kib'] / 1024:.1f} MiB) against the "
+                 f"{mid_r['target_kib'] / 1024:.0f} MiB target: **{verdict}**."), ""]
     if c["imports"]:
         out += ["## Cold imports in the guest, over the runs", "", "| module | best of each run | target |",
                 "|---|---|---|"]

@@ -22,6 +22,7 @@ import functools
 import json
 import os
 import pstats
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,6 +67,8 @@ class Config:
     profile_iters: int = 500
     profile_dma_pieces: int = 1024
     profile_lu_files: int = 200
+    rss_sessions: int = 2000
+    rss_samples: int = 3
 
 
 FULL = Config()
@@ -74,7 +77,7 @@ SMOKE = Config(ioctl_iters=50, mmio_iters=200, repeats=2, alternations=1,
                dma_full_total=1 << 20,
                lu_files=20, lu_samples=1, import_n=1, profile_iters=20, profile_dma_pieces=8,
                blackout_samples=1, blackout_ram=1 << 20,
-               profile_lu_files=8)
+               profile_lu_files=8, rss_sessions=20, rss_samples=1)
 
 
 def _setup_path() -> None:
@@ -141,6 +144,7 @@ def _loop_read32_floor(ptr: Any, n: int) -> None:
 
 
 BLOCK = 256  # accesses per block call
+BIG_BLOCK = 4096  # a larger block: the per-call cost spread over more accesses
 
 
 def _loop_read_block(bar: Bar, offsets: Any, out: Any, n: int) -> None:
@@ -151,6 +155,16 @@ def _loop_read_block(bar: Bar, offsets: Any, out: Any, n: int) -> None:
 def _loop_write_block(bar: Bar, offsets: Any, values: Any, n: int) -> None:
     for _ in range(n // BLOCK):
         bar.write_block(offsets, values)
+
+
+def _loop_block_read(block: Any, n: int) -> None:
+    for _ in range(n // len(block)):
+        block.read()
+
+
+def _loop_block_write(block: Any, n: int) -> None:
+    for _ in range(n // len(block)):
+        block.write()
 
 
 def _loop_read32_memoryview(view: memoryview, n: int) -> None:
@@ -247,6 +261,13 @@ def py_device(cfg: Config) -> dict[str, dict[str, Any]]:
                                        array("Q", bytes(8 * BLOCK)))
         out["mmio_write_block"] = _time(_loop_write_block, n_block, r, bar, array("Q", [edu.REG_LIVENESS] * BLOCK),
                                         array("Q", range(BLOCK)))
+        # a RegisterBlock: offsets checked once, each read/write of the block one builtin call
+        for size, tag in ((BLOCK, ""), (BIG_BLOCK, f"_{BIG_BLOCK}")):
+            n_blk = max(size, n - n % size)
+            out[f"mmio_block_read{tag}"] = _time(_loop_block_read, n_blk, r, bar.block([edu.REG_ID] * size))
+            wblock = bar.block([edu.REG_LIVENESS] * size)
+            wblock.write(list(range(size)))
+            out[f"mmio_block_write{tag}"] = _time(_loop_block_write, n_blk, r, wblock)
         # the idiom some Python userspace drivers use: a memoryview cast of the mapped BAR
         # (no exact-width guarantee: CPython happens to load 4 bytes for an "I" item)
         view = memoryview(ffi.buffer(bar._ptr, bar.size)).cast("I")
@@ -705,11 +726,54 @@ def single_boot(cfg: Config, workdir: Path, log: Callable[[str], None] = _log,
         full_c = cprog.run(binary, "dma", cdev, total, piece, rounds, IOVA_BASE)
         _pool(c, {k.replace(f"_{piece}", "_full"): v for k, v in full_c.items()})
         res["facts"]["dma_total_full"] = total
+    if want("rss"):
+        log(f"bench: peak RSS, {cfg.rss_sessions} sessions of one memfd each, against an empty interpreter")
+        res["rss"] = rss(cfg.rss_sessions, cfg.rss_samples)
     if want("profile"):
         log("bench: cProfile of the Python loops")
         res["profiles"] = profiles_single_boot(cfg)
     res["facts"]["seconds"] = round(time.monotonic() - t_start, 2)
     return res
+
+
+RSS_SCRIPT = """
+import resource, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # a session fd each: more than 1024
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+if sys.argv[1] == "sessions":
+    from pyvfio_lu.luo import LiveUpdate
+    from pyvfio_lu.memfd import Memfd
+    n = int(sys.argv[2])
+    with LiveUpdate() as lu:
+        sessions = []
+        for i in range(n):
+            s = lu.create_session(f"rss-{i}")
+            m = Memfd.create(f"rss-{i}", size=4096)
+            s.preserve(m, 1)
+            m.close()
+            sessions.append(s)
+        assert all(s.get_name() == f"rss-{i}" for i, s in enumerate(sessions))
+        for s in sessions:
+            s.close()
+# VmHWM: this address space's peak (ru_maxrss would carry the parent's over fork and exec)
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+"""
+
+
+def rss(sessions: int, samples: int) -> dict[str, Any]:
+    """Peak RSS (VmHWM, KiB) of a fresh Python process that creates ``sessions`` LUO
+    sessions and preserves a 4 KiB memfd in each (all held at once, as before a kexec),
+    and of an empty interpreter running the same script's first and last lines."""
+    env = dict(os.environ)
+    out: dict[str, Any] = {"sessions": sessions, "empty_kib": [], "sessions_kib": []}
+    for _ in range(samples):
+        for what, key in (("empty", "empty_kib"), ("sessions", "sessions_kib")):
+            got = subprocess.run([sys.executable, "-c", RSS_SCRIPT, what, str(sessions)], env=env, check=False,
+                                 capture_output=True, text=True, timeout=900)
+            if got.returncode:
+                raise RuntimeError(f"the RSS process ({what}) failed: {got.stderr.strip()[-2000:]}")
+            out[key].append(int(got.stdout.split()[-1]))
+    return out
 
 
 def _pool(into: dict[str, Any], new: dict[str, Any]) -> None:

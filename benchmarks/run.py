@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-GROUPS = ("import", "ioctl", "mmio", "dma", "lu", "blackout", "profile")
+GROUPS = ("import", "ioctl", "mmio", "dma", "lu", "blackout", "rss", "profile")
 GUEST_MEMORY = "4G"  # 1 GiB is DMA-mapped (and pinned) at a time
 
 
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "c": {**s1.get("c", {}), **host_c},
         "lu": lu,
         "blackout": s2.get("blackout", {}),
+        "rss": s1.get("rss", {}),
         "imports": {"host": host_imports, "guest": s1.get("imports", {})},
         "profiles": {**s1.get("profiles", {}), **s2.get("profiles", {})},
     }
