@@ -401,7 +401,7 @@ class Session:
         # the lean path: one builtin call (a closed session's fd reads -1: EBADF, named below)
         got = rw(self._fd._fd, _GET_NAME, _GET_NAME_ARG, False)
         if type(got) is bytes:
-            return got[_NAME_AT:].partition(b"\0")[0].decode(errors="surrogateescape")
+            return got[_NAME_AT:].rstrip(b"\0").decode("utf-8", "surrogateescape")  # zero-filled after the name
         return get_name(self.fileno(), self._target)  # SessionClosed, or the kernel's refusal named
 
     def _target(self) -> str:
@@ -461,7 +461,7 @@ class Session:
 def get_name(fd: int, target: str | Callable[[], str] = "") -> str:
     got = rw(fd, _GET_NAME, _GET_NAME_ARG, False) if type(fd) is int else None
     if type(got) is bytes:
-        return got[_NAME_AT:].partition(b"\0")[0].decode(errors="surrogateescape")
+        return got[_NAME_AT:].rstrip(b"\0").decode("utf-8", "surrogateescape")  # zero-filled after the name
     arg = call(FdKind.LUO_SESSION, fd, "LIVEUPDATE_SESSION_GET_NAME", target=target or (lambda: f"session fd {fd}"))
     name: bytes = ffi.string(ffi.cast("char *", arg.name), 64)
     return name.decode(errors="surrogateescape")

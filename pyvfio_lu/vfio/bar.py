@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from functools import partial
 
 from .. import _speedups
 from .._cffi import ffi, lib
@@ -12,6 +13,7 @@ from .records import RegionInfo, SparseArea
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 U64_MAX = 2**64 - 1
@@ -21,13 +23,32 @@ if TYPE_CHECKING:
 
 class Bar:
     """A PCI BAR region: exact-width MMIO through the mapping where the region is mappable
-    (one volatile load or store of exactly 8/16/32/64 bits), ``pread``/``pwrite`` elsewhere."""
+    (one volatile load or store of exactly 8/16/32/64 bits), ``pread``/``pwrite`` elsewhere.
+
+    ``read8``/``read16``/``read32``/``read64(offset)`` and ``write8``...``write64(offset,
+    value)`` are per-instance callables: for a BAR mapped in one piece, builtin methods of
+    its ``_speedups.Window`` (one call: bounds, alignment and the value's width checked in
+    C, then the volatile access); otherwise, and after :meth:`close`, :meth:`read` /
+    :meth:`write` with that width. Any offset or value the fast path does not take goes to
+    :meth:`read` / :meth:`write`, which raise the named error."""
+
+    read8: Callable[[int], int]
+    read16: Callable[[int], int]
+    read32: Callable[[int], int]
+    read64: Callable[[int], int]
+    write8: Callable[[int, int], None]
+    write16: Callable[[int, int], None]
+    write32: Callable[[int, int], None]
+    write64: Callable[[int, int], None]
 
     def __init__(self, device: VfioDevice, info: RegionInfo, mmap: bool = True):
         self.device = device
         self.info = info
         self.size = info.size
         self._maps: list[tuple[int, int, Any]] = []  # (start, size, pointer)
+        self._window: _speedups.Window | None = None
+        self._ptr: Any = None
+        self._install_general_accessors()
         if mmap and info.mappable and info.size:
             areas = info.sparse_areas or (SparseArea(0, info.size),)
             try:
@@ -38,13 +59,17 @@ class Bar:
                 raise
         self._ptr = self._maps[0][2] if len(self._maps) == 1 and self._maps[0][0] == 0 else None
         # a BAR mapped in one piece: its accessors are the Window's builtin methods (close()
-        # closes the Window first, so an accessor kept elsewhere then raises, never touches it)
-        self._window: _speedups.Window | None = None
+        # closes the Window first, so an accessor kept elsewhere then takes the general path)
         if self._ptr is not None:
             self._window = _speedups.Window(_address(self._ptr), self.size, self.read, self.write)
             for width in _WIDTHS:
-                self.__dict__[f"read{width * 8}"] = getattr(self._window, f"read{width * 8}")
-                self.__dict__[f"write{width * 8}"] = getattr(self._window, f"write{width * 8}")
+                setattr(self, f"read{width * 8}", getattr(self._window, f"read{width * 8}"))
+                setattr(self, f"write{width * 8}", getattr(self._window, f"write{width * 8}"))
+
+    def _install_general_accessors(self) -> None:
+        for width in _WIDTHS:
+            setattr(self, f"read{width * 8}", partial(self.read, width=width))
+            setattr(self, f"write{width * 8}", partial(self.write, width=width))
 
     @property
     def mapped(self) -> bool:
@@ -86,16 +111,6 @@ class Bar:
             _WRITE[width](ptr, off, value)
         else:
             self.device.region_write(self.info.index, offset, value.to_bytes(width, "little"))
-
-    # the general paths; a BAR mapped in one piece has its Window's accessors instead
-    def read8(self, offset: int) -> int: return self.read(offset, 1)
-    def read16(self, offset: int) -> int: return self.read(offset, 2)
-    def read32(self, offset: int) -> int: return self.read(offset, 4)
-    def read64(self, offset: int) -> int: return self.read(offset, 8)
-    def write8(self, offset: int, value: int) -> None: self.write(offset, value, 1)
-    def write16(self, offset: int, value: int) -> None: self.write(offset, value, 2)
-    def write32(self, offset: int, value: int) -> None: self.write(offset, value, 4)
-    def write64(self, offset: int, value: int) -> None: self.write(offset, value, 8)
 
     # --- many registers at once: the loop in C ---------------------------------------------
     def _offsets(self, offsets: Any, width: int, what: str) -> tuple[int, Any]:
@@ -235,9 +250,7 @@ class Bar:
             lib.pvl_munmap(ptr, size)
         self._maps = []
         self._ptr = None
-        for width in _WIDTHS:
-            self.__dict__.pop(f"read{width * 8}", None)
-            self.__dict__.pop(f"write{width * 8}", None)
+        self._install_general_accessors()
 
 
 class RegisterBlock:

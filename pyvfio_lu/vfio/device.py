@@ -280,7 +280,7 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
         if self.bound:  # the lean path: one builtin call and one unpack (a closed fd reads -1: EBADF)
             got = rw(self._fd._fd, _GET_INFO, _GET_INFO_ARG, False)
             if type(got) is bytes:
-                _argsz, flags, regions, irqs = _INFO_WORDS.unpack(got)[:4]
+                _argsz, flags, regions, irqs, _cap_offset, _pad = _INFO_WORDS.unpack(got)
                 if not flags & _DEVICE_FLAGS_CAPS:
                     info: DeviceInfo = _tuple_new(DeviceInfo, (flags, regions, irqs, ()))
                     return info
