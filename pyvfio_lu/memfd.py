@@ -69,7 +69,8 @@ class MemfdState(_MemfdStateFields):
 class Memfd(OwnedFd):
     """An owned memfd (created here, or retrieved from a session)."""
 
-    __slots__ = ()
+    __slots__ = ("_name",)  # the name it was created with (unset when adopted: asked of the kernel)
+    _name: str
 
     @classmethod
     def create(cls, name: str = "pyvfio-lu", data: bytes | bytearray | memoryview = b"", size: int | None = None,
@@ -77,8 +78,6 @@ class Memfd(OwnedFd):
         """A new memfd (``MFD_CLOEXEC``, ``MFD_ALLOW_SEALING``) holding ``data``, ``size`` bytes long.
 
         Wrong types and sizes are BadArgumentType / ArgumentOutOfRange, before anything is created."""
-        from .errors import BadArgumentType, check_int
-
         if not isinstance(name, str) or "\0" in name or len(name.encode(errors="surrogateescape")) > 249:
             raise BadArgumentType(errno.EINVAL, "memfd_create", repr(name)[:80],
                                   "a memfd name is a str of at most 249 bytes with no NUL")
@@ -93,6 +92,7 @@ class Memfd(OwnedFd):
         except OSError as exc:
             raise error_for(exc.errno or 0, "memfd_create", repr(name)) from None
         self = cls(fd, f"memfd {name!r}")
+        self._name = name
         try:
             if size is not None:
                 try:
@@ -110,11 +110,13 @@ class Memfd(OwnedFd):
         """What the live-update ledger says of this memfd: its name, size and inode (the
         IOVAs it is mapped at are looked up by inode when the ledger is written)."""
         st = os.fstat(self.fileno())
-        try:
-            link = os.readlink(f"/proc/self/fd/{self.fileno()}")
-        except OSError:
-            link = ""
-        name = link[len("/memfd:"):].removesuffix(" (deleted)") if link.startswith("/memfd:") else self.what
+        name: str | None = getattr(self, "_name", None)
+        if name is None:  # adopted: the kernel knows the name it was created with
+            try:
+                link = os.readlink(f"/proc/self/fd/{self.fileno()}")
+            except OSError:
+                link = ""
+            name = link[len("/memfd:"):].removesuffix(" (deleted)") if link.startswith("/memfd:") else self.what
         return {"kind": "memfd", "name": name, "size": st.st_size, "inode": [st.st_dev, st.st_ino]}
 
     @classmethod
@@ -126,6 +128,13 @@ class Memfd(OwnedFd):
     # --- contents ------------------------------------------------------------------------
     def pwrite_all(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         """Write all of ``data`` (bytes-like) at ``offset``."""
+        if type(data) is bytes and type(offset) is int and 0 <= offset <= OFF_MAX - len(data):
+            try:  # the usual case: one write takes it all
+                if os.pwrite(self._fd, data, offset) == len(data):
+                    return
+            except OSError as exc:
+                self.fileno()  # a closed memfd is named as every verb names it
+                raise error_for(exc.errno or 0, "write", self.what) from None
         check_bytes(data, "data", "write", self.what)
         check_int(offset, "offset", 0, OFF_MAX, "write", self.what)
         view = memoryview(data).cast("B")
@@ -200,6 +209,12 @@ class Memfd(OwnedFd):
 
     def verify(self, expected: MemfdState | dict[str, Any] | bytes | bytearray | memoryview) -> None:
         """ContentMismatch unless this memfd matches ``expected`` (a state, its JSON, or bytes)."""
+        if type(expected) is bytes:  # the usual case: one read of one byte more than expected
+            try:
+                if os.pread(self._fd, len(expected) + 1, 0) == expected:
+                    return
+            except OSError:
+                pass  # named below, by the general path
         if isinstance(expected, (bytes, bytearray, memoryview)):
             got = self.read_all()
             if got != bytes(expected):
