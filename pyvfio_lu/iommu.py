@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 import mmap as _mmap
 import os
-from collections import namedtuple
+from collections import deque, namedtuple
 from functools import partial
 from itertools import repeat
 from operator import is_, itemgetter
@@ -567,8 +567,7 @@ class Iommu:
         keeps = list(map(_keep_of, listed))
         if keeps and keeps.count(keeps[0]) != len(keeps):  # several buffers: one by one
             return False
-        for iova in iovas:
-            del mappings[iova]
+        deque(map(mappings.__delitem__, iovas), maxlen=0)  # each forgotten, no Python loop
         keep = keeps[0] if keeps else None
         if keep and isinstance(keep[0], DmaBuffer):
             keep[0].mapped_by.discard(id(self), len(keeps))
