@@ -285,53 +285,57 @@ def _dma_floor_text(results: dict[str, Any]) -> str:
 
 
 def analysis(results: dict[str, Any]) -> list[str]:
-    """Where the Python time goes, from the floor rows, the profiles and the DMA scaling."""
+    """Where the Python time goes, from the floor rows, the profiles and the DMA scaling: what
+    remains in each missed row, and why."""
     out = []
     py = results.get("python", {})
     loop = summarize(py["python_loop"])["median"] if py.get("python_loop") else None
 
     info, raw, floor = (_row(results, k) for k in ("ioctl_get_info", "ioctl_get_info_raw", "ioctl_get_info_floor"))
+    gn, gnr, gnf = (_row(results, k) for k in ("ioctl_get_name", "ioctl_get_name_raw", "ioctl_get_name_floor"))
     if info and raw and floor:
         out.append(
-            f"- **ioctl (VFIO_DEVICE_GET_INFO)** — C {fmt_ns(info['c_median_ns'])}. The cffi floor (`lib.pvl_ioctl` "
-            f"on a ready struct: one Python→C call plus the syscall) is {fmt_ns(floor['python_median_ns'])} "
-            f"({floor['ratio']:.2f}x C): under TCG the call into C alone costs more than the syscall, so no cffi "
-            f"binding can meet 1.5x here. The raw `call()` layer adds "
-            f"{fmt_ns(raw['python_median_ns'] - floor['python_median_ns'])} per call. It already resolves each "
-            "request once (pointer type, size, a template struct with the size field set, copied by one `ffi.new`) "
-            "and formats the error-message target only on failure (these cut `call()` by about 40%); what remains "
-            "is the keyword-argument call itself, the cached-entry lookup, the `**fields` loop of `setattr`s and "
-            f"the result check. `dev.info()` adds {fmt_ns(info['python_median_ns'] - raw['python_median_ns'])} "
-            "more: `_call` (the cdev/bound test, `self.fileno()`, `**kw` re-packing), four cdata field reads and "
-            f"the `DeviceInfo` record.{_top(results, 'ioctl_get_info')} What would remove more: a per-object "
-            "prepared struct reused across calls (re-zeroed in C) and a C helper that issues the ioctl and "
-            "returns the fields as a tuple, i.e. moving the per-call Python work into the extension. The floor row "
-            "is the bound.")
-    gn, gnr, gnf = (_row(results, k) for k in ("ioctl_get_name", "ioctl_get_name_raw", "ioctl_get_name_floor"))
+            f"- **ioctl (VFIO_DEVICE_GET_INFO)** — C {fmt_ns(info['c_median_ns'])}; the cffi floor (`lib.pvl_ioctl` on "
+            f"a ready struct) {fmt_ns(floor['python_median_ns'])}, {floor['ratio']:.2f}x C: under TCG a cffi call "
+            "(which releases and re-takes the GIL and converts each argument) costs more than the syscall. "
+            f"`dev.info()` takes {fmt_ns(info['python_median_ns'])} "
+            f"({info['python_median_ns'] / floor['python_median_ns']:.2f}x the floor): its lean path is one "
+            "`_speedups.ioctl_rw` builtin call (the packed argument in, the struct out as bytes, the GIL kept), one "
+            "`struct.Struct.unpack` and the `DeviceInfo` tuple; what is left over the floor is the Python method "
+            "call and those two allocations (each a few hundred ns of interpreter and allocator work under TCG)."
+            f"{_top(results, 'ioctl_get_info')} The raw `call()` layer takes {fmt_ns(raw['python_median_ns'])} "
+            f"({raw['python_median_ns'] / floor['python_median_ns']:.2f}x the floor): it must return a fresh cffi "
+            "struct (one `ffi.new`, itself about as dear as the floor's call), goes through cffi's call (GIL "
+            "released) and is a keyword-argument call with `**fields`; 1.5x the floor would leave it half of one "
+            "cffi call for all of that, so the generic layer stays as it is and the verbs take the lean path.")
     if gn and gnr and gnf:
         out.append(
             f"- **ioctl (LIVEUPDATE_SESSION_GET_NAME)** — C {fmt_ns(gn['c_median_ns'])}, floor "
-            f"{fmt_ns(gnf['python_median_ns'])}, `call()` {fmt_ns(gnr['python_median_ns'])}, `get_name()` "
-            f"{fmt_ns(gn['python_median_ns'])}: on top of `call()`, `Session.get_name()` formats its error-message "
-            "target (`Session.target`: an f-string with `repr(name)`) on every call, goes through `fileno()` and the "
-            f"module-level `get_name`, and decodes the name (`ffi.string(ffi.cast(...))`).{_top(results, 'ioctl_get_name')}"
-            " The request cache and the lazy target are applied; the rest is the Python calls themselves.")
-    rd, rdf = _row(results, "mmio_read32"), _row(results, "mmio_read32_floor")
+            f"{fmt_ns(gnf['python_median_ns'])}, `get_name()` {fmt_ns(gn['python_median_ns'])} "
+            f"({gn['python_median_ns'] / gnf['python_median_ns']:.2f}x the floor), raw `call()` "
+            f"{fmt_ns(gnr['python_median_ns'])}. `get_name()` is one builtin call, a slice, `rstrip` and a UTF-8 "
+            f"decode (a closed session's fd reads -1, so the error is named on the failure path only)."
+            f"{_top(results, 'ioctl_get_name')}")
+    rd, rdf, mv = _row(results, "mmio_read32"), _row(results, "mmio_read32_floor"), _row(results, "mmio_read32_memoryview")
     if rd and rdf:
-        extra = f" (the bare `for` loop is {fmt_ns(loop)} of it)" if loop else ""
+        extra = f" (the bare `for` loop is {fmt_ns(loop)} of each)" if loop else ""
         out.append(
             f"- **MMIO** — C {fmt_ns(rd['c_median_ns'])} per read32: under TCG an MMIO load is a call into QEMU's "
-            "edu model from translated code, no VM exit, so it is as cheap as a function call while each Python "
-            f"bytecode is dear. The cffi floor (`lib.pvl_mmio_read32(ptr, 0)`) is {fmt_ns(rdf['python_median_ns'])}"
-            f"{extra}; `Bar.read32` adds {fmt_ns(rd['python_median_ns'] - rdf['python_median_ns'])}: a Python "
-            "method call (bound method, frame), the `self._ptr`/`self.size` loads and the bounds/alignment test."
-            f"{_top(results, 'mmio_read32')} A mapped BAR already binds per-instance closures "
-            "(`bar.read32` closes over the pointer and the limit): one closure call, two compares and the cffi "
-            "call. Moving the check into a C helper would not help much: raising the error still needs the "
-            "Python frame. Nothing in Python gets near 1.5x of a TCG MMIO access; under KVM the access itself "
-            "(a VM exit) dominates both sides.")
+            "edu model from translated code, no VM exit, so it is as cheap as a C function call while every Python "
+            f"call is dear. `bar.read32` takes {fmt_ns(rd['python_median_ns'])}{extra}: a builtin method of the "
+            "BAR's `_speedups.Window` (bounds and alignment checked in C, one volatile 32-bit load, no cffi call); "
+            f"the cffi floor `lib.pvl_mmio_read32` takes {fmt_ns(rdf['python_median_ns'])}"
+            + (f" and the memoryview idiom {fmt_ns(mv['python_median_ns'])}, which is one subscript with no call at "
+               "all: the call of a builtin is the whole difference." if mv else ".")
+            + f"{_top(results, 'mmio_read32')} A register block of 256 costs one such call plus the loop in C: "
+            "its fixed cost (about a microsecond under TCG) is a quarter of C's 256 loads, hence the 256-register "
+            "rows, while 4096 registers spread it to a few percent. `bar.poll` that matches at once is one call "
+            "with five arguments and a 3-tuple back against C's single load and compare (about 100 ns): no call "
+            "from Python gets near 1.2x of that under TCG (nor under KVM, where the load itself is a VM exit for "
+            "both sides and the ratio would fall toward 1).")
     m2, u2, m4, u4 = (_row(results, k) for k in ("dma_2097152_map", "dma_2097152_unmap", "dma_4096_map",
                                                   "dma_4096_unmap"))
+    b4, bf = _row(results, "dma_4096_batch"), _row(results, "dma_full_batch")
     if m2 and u2 and m4 and u4:
         def over(r: dict[str, float]) -> float:
             return (r["python_median_ns"] - r["c_median_ns"]) / r["iters"]
@@ -340,32 +344,38 @@ def analysis(results: dict[str, Any]) -> list[str]:
             return r[f"{side}_median_ns"] / r["iters"]
 
         out.append(
-            f"- **DMA mapping** — per `Iommu.map`, Python adds {fmt_ns(over(m2))} (2 MiB pieces, C "
-            f"{fmt_ns(per(m2, 'c'))} per map) and {fmt_ns(over(m4))} (4 KiB pieces, C {fmt_ns(per(m4, 'c'))} per "
-            "map): `call()` as above with six keyword fields, plus `Iommu.map`'s own work — argument checks, the "
-            "error-message target (`Iommu.target` property and an f-string of iova and size) built on every call, "
-            "three `lib.` flag lookups, the `Mapping` record. Python's extra cost per `Iommu.unmap` is "
-            f"{fmt_ns(over(u2))} with {u2['iters']} mappings and {fmt_ns(over(u4))} with {u4['iters']}: constant, "
-            "since `Iommu._forget` finds a mapping by its IOVA (it scanned every mapping before, an O(n²) teardown "
-            f"that made the 4 KiB case 270x C).{_top(results, 'dma_4096')} What would remove more: a batch "
-            "`map_many`/`unmap_many` that prepares one struct and loops in C."
+            f"- **DMA mapping** — per `Iommu.map` of an address, Python adds {fmt_ns(over(m2))} (2 MiB pieces, C "
+            f"{fmt_ns(per(m2, 'c'))} per map) and {fmt_ns(over(m4))} (4 KiB pieces, C {fmt_ns(per(m4, 'c'))}): the "
+            "lean path packs the argument and issues the ioctl in one builtin call (the GIL released above a MiB), "
+            "then makes the `Mapping` and lists it; per `Iommu.unmap` "
+            f"{fmt_ns(over(u2))} and {fmt_ns(over(u4))}.{_top(results, 'dma_4096')}"
+            + (f" The batch verbs, 4 KiB pieces: {b4['ratio']:.2f}x C" if b4 else "")
+            + (f", and {bf['ratio']:.2f}x for the whole 1 GiB ({bf['iters']} mappings)" if bf else "")
+            + ". The loop is in C and the bookkeeping makes no Python call per piece (each `Mapping` a tuple made "
+            "by `map()`, forgotten by `map()`), but under TCG every Python object costs: allocating a plain "
+            "4-tuple is 1.5-2.4 µs here (measured apart from this run: 4096 of them take 6-10 ms), against C's "
+            "9-16 µs for the map "
+            "and unmap of a 4 KiB piece. The caller's `(offset, iova, size)` triples, their conversion to C arrays "
+            "and one `Mapping` per piece are 5-8 µs per piece together. What would reach 1.1x: arrays in and one "
+            "object out (a mapping run kept as C arrays, its pieces made on demand), which changes how `Iommu` "
+            "lists mappings: not done."
             + _dma_floor_text(results))
     lp, lr = _row(results, "lu_preserve"), _row(results, "lu_retrieve")
+    lb, fl = _row(results, "lu_batch_total"), _row(results, "lu_floor")
     if lp and lr:
         n = lp["iters"] or 1
         out.append(
-            f"- **Live update** — per memfd, Python spends {fmt_ns((lp['python_median_ns'] - lp['c_median_ns']) / n)} "
-            f"more than C before the kexec and {fmt_ns((lr['python_median_ns'] - lr['c_median_ns']) / n)} after "
-            f"it.{_top(results, 'lu_preserve')}{_top(results, 'lu_retrieve')} Besides `call()`: "
-            "`Session.preserve`'s `check_token`, `fileno_of` and bookkeeping of what it preserved (the object's own "
-            "description now, no longer a `readlink` per file); `Memfd.create` wraps the fd and writes through a "
-            "memoryview loop; after the kexec `Session.retrieve` builds the new `OwnedFd`'s description, "
-            "`Memfd.adopt` re-wraps the fd and `verify` adds an `fstat` for the size. What would remove more: "
-            "a `Session.preserve_many`/`retrieve_many` doing the loop in C."
-            + (f" The same syscalls from the plainest Python (`os.memfd_create`/`ftruncate`/`pwrite`/`fstat`/`pread`/"
-               f"`close` and `lib.pvl_ioctl`, no pyvfio_lu objects) take {fmt_ns(fl['python_median_ns'])}, "
-               f"{fl['ratio']:.2f}x C: under TCG each Python-to-C call costs a few µs, and a memfd's round trip is "
-               "about ten of them." if (fl := _row(results, "lu_floor")) else ""))
+            f"- **Live update** — one `preserve`/`retrieve` per file: per memfd Python spends "
+            f"{fmt_ns((lp['python_median_ns'] - lp['c_median_ns']) / n)} more than C before the kexec and "
+            f"{fmt_ns((lr['python_median_ns'] - lr['c_median_ns']) / n)} after it."
+            f"{_top(results, 'lu_preserve')}{_top(results, 'lu_retrieve')}"
+            + (f" Through `preserve_many`/`retrieve_many` both sides take {lb['ratio']:.2f}x C" if lb else "")
+            + (f", against {fl['ratio']:.2f}x for the plainest Python making the same syscalls (`os.memfd_create`/"
+               "`ftruncate`/`pwrite`/`fstat`/`pread`/`close` and `lib.pvl_ioctl`, no pyvfio_lu objects)" if fl else "")
+            + ". The row includes making the 500 memfds and verifying them after the kexec, as C does: a `Memfd` "
+            "object per file (one `pwrite`, and one `fstat` for its ledger record), an `OwnedFd` per retrieved file, "
+            "one `pread` to verify. Under TCG each Python-to-C call costs a few µs and a memfd's round trip is about "
+            "ten of them, so 1.2x would need the memfds made and verified in C as well.")
     for r in results.get("import_rows") or []:
         if r["module"] in ("pyvfio_lu.luo", "pyvfio_lu.vfio"):
             for where in ("host", "guest"):
@@ -379,6 +389,19 @@ def analysis(results: dict[str, Any]) -> list[str]:
                 out.append(f"  `inspect` (with `ast`, `tokenize`, `dis`...) is imported here: "
                            f"{_chain(results, 'guest', r['module'], 'inspect')}; a `namedtuple`/`__slots__` "
                            "class instead of the dataclass keeps it out.")
+    imp = {r["module"]: r for r in results.get("import_rows") or []}
+    if "pyvfio_lu.luo" in imp and "pyvfio_lu" in imp:
+        out.append(
+            "- **Imports and the blackout** — importing is "
+            f"{imp['pyvfio_lu.luo']['guest_best_ns'] / (imp['pyvfio_lu.luo']['host_best_ns'] or 1):.0f} times slower "
+            f"in this guest than natively (the host imports `pyvfio_lu.luo` in "
+            f"{fmt_ns(imp['pyvfio_lu.luo']['host_best_ns'])}, the guest in "
+            f"{fmt_ns(imp['pyvfio_lu.luo']['guest_best_ns'])}); `_cffi_backend` and the extension alone take "
+            f"{fmt_ns(imp['pyvfio_lu._cffi']['guest_best_ns']) if 'pyvfio_lu._cffi' in imp else 'tens of ms'} here, "
+            "so 25 ms per module is out of reach in the guest while the host takes a few ms. The blackout's "
+            "interpreter start alone (`python -S -c pass`) is most of its 500 ms budget under TCG; the rest is "
+            "the imports, edu's 100 ms DMA timer and about 10 ms of library calls (`VfioDevice.from_fd` binds and "
+            "attaches in 6-9 ms once imported).")
     return out
 
 
