@@ -288,6 +288,75 @@ static PyObject *window_get_base(PyObject *self, void *closure)
 
 static PyObject *window_poll(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 
+/* Whether any value is wider than width bytes: one pass that ORs them (the compiler
+   vectorises it); the caller looks for the first one only when there is one. */
+static int too_wide_any(const uint64_t *v, uint64_t n, long width)
+{
+    uint64_t acc = 0, i;
+    for (i = 0; i < n; i++)
+        acc |= v[i];
+    return (acc >> (8 * width)) != 0;
+}
+
+static void load_block(uint64_t base, long width, uint64_t n, const uint64_t *o, uint64_t *d);
+static void store_block(uint64_t base, long width, uint64_t n, const uint64_t *o, const uint64_t *v);
+
+/* Window.read_block(width, n, offsets, out, result, closed) -> result: the loop of a
+   RegisterBlock's read, offsets checked when the block was made; closed() (which raises)
+   once the window is closed. */
+static PyObject *window_read_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Window *w = (Window *)self;
+    long width;
+    uint64_t n, offs, out;
+    if (!nargs_is("read_block", nargs, 6) || long_of(args[0], &width) || u64_of(args[1], &n)
+        || u64_of(args[2], &offs) || u64_of(args[3], &out))
+        return NULL;
+    if (w->size < 0)
+        return PyObject_CallObject(args[5], NULL);
+    load_block(w->base, width, n, (const uint64_t *)(uintptr_t)offs, (uint64_t *)(uintptr_t)out);
+    Py_INCREF(args[4]);
+    return args[4];
+}
+
+/* Window.write_block(width, n, offsets, values, fill, closed, too_wide[, new_values]):
+   fill(new_values) first when given (it copies them into values, or raises); then every
+   value checked to fit width (too_wide(i), which raises, for the first that does not:
+   nothing written), then the stores in order. */
+static PyObject *window_write_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Window *w = (Window *)self;
+    long width;
+    uint64_t n, offs, vals, i;
+    if ((nargs != 7 && nargs != 8) || long_of(args[0], &width) || u64_of(args[1], &n)
+        || u64_of(args[2], &offs) || u64_of(args[3], &vals)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "write_block() takes 7 or 8 arguments");
+        return NULL;
+    }
+    if (w->size < 0)
+        return PyObject_CallObject(args[5], NULL);
+    if (nargs == 8) {
+        PyObject *r = PyObject_CallFunctionObjArgs(args[4], args[7], NULL);
+        if (!r)
+            return NULL;
+        Py_DECREF(r);
+    }
+    const uint64_t *v = (const uint64_t *)(uintptr_t)vals;
+    if (width < 8 && too_wide_any(v, n, width))
+        for (i = 0; i < n; i++)
+            if (v[i] >> (8 * width)) {
+                PyObject *idx = PyLong_FromUnsignedLongLong(i), *r;
+                if (!idx)
+                    return NULL;
+                r = PyObject_CallFunctionObjArgs(args[6], idx, NULL);
+                Py_DECREF(idx);
+                return r;
+            }
+    store_block(w->base, width, n, (const uint64_t *)(uintptr_t)offs, v);
+    Py_RETURN_NONE;
+}
+
 #define WFAST(name, fn, doc) {name, (PyCFunction)(void (*)(void))(fastcall_fn)fn, METH_FASTCALL, doc}
 
 static PyMethodDef window_methods[] = {
@@ -295,6 +364,9 @@ static PyMethodDef window_methods[] = {
     {"read32", w_read32, METH_O, "read32(offset)"}, {"read64", w_read64, METH_O, "read64(offset)"},
     WFAST("write8", w_write8, "write8(offset, value)"), WFAST("write16", w_write16, "write16(offset, value)"),
     WFAST("write32", w_write32, "write32(offset, value)"), WFAST("write64", w_write64, "write64(offset, value)"),
+    WFAST("read_block", window_read_block, "read_block(width, n, offsets, out, result, closed) -> result"),
+    WFAST("write_block", window_write_block,
+          "write_block(width, n, offsets, values, fill, closed, too_wide[, new_values])"),
     WFAST("poll", window_poll, "poll(offset, width, mask, want, timeout_ns) -> (matched, last, reads), or None"),
     {"close", window_close, METH_NOARGS, "every later access goes to the fallbacks"},
     {NULL, NULL, 0, NULL},
@@ -334,19 +406,13 @@ static int width_ok(long width)
    microsecond or more; other threads should not wait a millisecond for a block). */
 #define LONG_BLOCK 1024
 
-/* read_block(base, width, n, offsets, out): out[i] = register at offsets[i], in order.
-   The offsets were checked by the caller when the block was prepared. */
-static PyObject *sp_read_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* The block loops: one loop per width (no width test per access); blocks longer than
+   LONG_BLOCK release the GIL. */
+static void load_block(uint64_t base, long width, uint64_t n, const uint64_t *o, uint64_t *d)
 {
-    uint64_t base, n, offs, out, i;
-    long width;
-    if (!nargs_is("read_block", nargs, 5) || u64_of(args[0], &base) || long_of(args[1], &width)
-        || u64_of(args[2], &n) || u64_of(args[3], &offs) || u64_of(args[4], &out) || !width_ok(width))
-        return NULL;
-    const uint64_t *o = (const uint64_t *)(uintptr_t)offs;
-    uint64_t *d = (uint64_t *)(uintptr_t)out;
+    uint64_t i;
     PyThreadState *ts = n > LONG_BLOCK ? PyEval_SaveThread() : NULL;
-    switch (width) {  /* one loop per width: no width test per access */
+    switch (width) {
     case 1: for (i = 0; i < n; i++) d[i] = *(volatile uint8_t *)(uintptr_t)(base + o[i]); break;
     case 2: for (i = 0; i < n; i++) d[i] = *(volatile uint16_t *)(uintptr_t)(base + o[i]); break;
     case 4: for (i = 0; i < n; i++) d[i] = *(volatile uint32_t *)(uintptr_t)(base + o[i]); break;
@@ -354,6 +420,34 @@ static PyObject *sp_read_block(PyObject *self, PyObject *const *args, Py_ssize_t
     }
     if (ts)
         PyEval_RestoreThread(ts);
+}
+
+static void store_block(uint64_t base, long width, uint64_t n, const uint64_t *o, const uint64_t *v)
+{
+    uint64_t i;
+    PyThreadState *ts = n > LONG_BLOCK ? PyEval_SaveThread() : NULL;
+    switch (width) {
+    case 1: for (i = 0; i < n; i++) *(volatile uint8_t *)(uintptr_t)(base + o[i]) = (uint8_t)v[i]; break;
+    case 2: for (i = 0; i < n; i++) *(volatile uint16_t *)(uintptr_t)(base + o[i]) = (uint16_t)v[i]; break;
+    case 4: for (i = 0; i < n; i++) *(volatile uint32_t *)(uintptr_t)(base + o[i]) = (uint32_t)v[i]; break;
+    default: for (i = 0; i < n; i++) *(volatile uint64_t *)(uintptr_t)(base + o[i]) = v[i]; break;
+    }
+    if (ts)
+        PyEval_RestoreThread(ts);
+}
+
+/* read_block(base, width, n, offsets, out): out[i] = register at offsets[i], in order.
+   The offsets were checked by the caller when the block was prepared. */
+static PyObject *sp_read_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t base, n, offs, out;
+    long width;
+    if (!nargs_is("read_block", nargs, 5) || u64_of(args[0], &base) || long_of(args[1], &width)
+        || u64_of(args[2], &n) || u64_of(args[3], &offs) || u64_of(args[4], &out) || !width_ok(width))
+        return NULL;
+    const uint64_t *o = (const uint64_t *)(uintptr_t)offs;
+    uint64_t *d = (uint64_t *)(uintptr_t)out;
+    load_block(base, width, n, o, d);
     Py_RETURN_NONE;
 }
 
@@ -368,19 +462,11 @@ static PyObject *sp_write_block(PyObject *self, PyObject *const *args, Py_ssize_
         return NULL;
     const uint64_t *o = (const uint64_t *)(uintptr_t)offs;
     const uint64_t *v = (const uint64_t *)(uintptr_t)vals;
-    if (width < 8)
+    if (width < 8 && too_wide_any(v, n, width))
         for (i = 0; i < n; i++)
             if (v[i] >> (8 * width))
                 return PyLong_FromUnsignedLongLong(i);
-    PyThreadState *ts = n > LONG_BLOCK ? PyEval_SaveThread() : NULL;
-    switch (width) {
-    case 1: for (i = 0; i < n; i++) *(volatile uint8_t *)(uintptr_t)(base + o[i]) = (uint8_t)v[i]; break;
-    case 2: for (i = 0; i < n; i++) *(volatile uint16_t *)(uintptr_t)(base + o[i]) = (uint16_t)v[i]; break;
-    case 4: for (i = 0; i < n; i++) *(volatile uint32_t *)(uintptr_t)(base + o[i]) = (uint32_t)v[i]; break;
-    default: for (i = 0; i < n; i++) *(volatile uint64_t *)(uintptr_t)(base + o[i]) = v[i]; break;
-    }
-    if (ts)
-        PyEval_RestoreThread(ts);
+    store_block(base, width, n, o, v);
     return PyLong_FromUnsignedLongLong(n);
 }
 

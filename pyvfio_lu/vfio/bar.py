@@ -256,26 +256,36 @@ class Bar:
 class RegisterBlock:
     """Registers of one width at fixed offsets of a BAR mapped in one piece, checked once.
 
-    :meth:`read` reads every register, in order, one volatile access each, into
-    :attr:`values` (a ``memoryview`` of native uint64 owned by the block, overwritten by the
-    next read: copy what you keep) and returns it; :meth:`write` writes :attr:`values` (or
-    the given values) in order. Each is one builtin call, the loop in C, with no Python
-    object per register. Once the BAR is closed both raise InvalidArgument."""
+    ``read()`` reads every register, in order, one volatile access each, into :attr:`values`
+    (a ``memoryview`` of native uint64 owned by the block, overwritten by the next read: copy
+    what you keep) and returns it. ``write(values=None)`` writes ``values`` (a sequence of as
+    many ints, copied into :attr:`values` first) or :attr:`values` as it is, in order; every
+    value is checked to fit ``width`` bytes before the first store, and nothing is written
+    when one does not (ArgumentOutOfRange names it). Both are builtin methods of the BAR's
+    mapping bound to the block: one call each, the loop in C, no Python object per register.
+    Once the BAR is closed both raise InvalidArgument."""
 
-    __slots__ = ("bar", "width", "_window", "_n", "_offsets", "_values", "values", "_offsets_at", "_values_at")
+    __slots__ = ("bar", "width", "_n", "_offsets", "_values", "values", "read", "write")
+
+    read: Callable[[], memoryview]
+    write: Callable[..., None]
 
     def __init__(self, bar: Bar, offsets: Any, width: int = 4):
         what = f"BAR{bar.info.index} block"
-        if bar._window is None:
+        window = bar._window
+        if window is None:
             raise InvalidArgument(errno.EINVAL, what, bar.device.name,
                                   "a register block needs a BAR mapped in one piece (use read_block/write_block)")
         n, checked = bar._offsets(offsets, width, what)
-        self.bar, self.width, self._window, self._n = bar, width, bar._window, n
+        self.bar, self.width, self._n = bar, width, n
         self._offsets = ffi.new("uint64_t[]", n or 1)  # our own copy: the caller's cannot change under us
         ffi.memmove(self._offsets, checked, 8 * n)
         self._values = ffi.new("uint64_t[]", n or 1)
         self.values = memoryview(ffi.buffer(self._values, 8 * n)).cast("B").cast("Q")
-        self._offsets_at, self._values_at = _address(self._offsets), _address(self._values)
+        at_offsets, at_values = _address(self._offsets), _address(self._values)
+        self.read = partial(window.read_block, width, n, at_offsets, at_values, self.values, self._closed)
+        self.write = partial(window.write_block, width, n, at_offsets, at_values, self._fill, self._closed,
+                             self._too_wide)
 
     def __len__(self) -> int:
         return self._n
@@ -283,29 +293,6 @@ class RegisterBlock:
     @property
     def offsets(self) -> tuple[int, ...]:
         return tuple(ffi.unpack(self._offsets, self._n))
-
-    def read(self) -> memoryview:
-        """Read every register into :attr:`values` and return it."""
-        base = self._window.base
-        if not base:
-            raise self._closed("read")
-        _speedups.read_block(base, self.width, self._n, self._offsets_at, self._values_at)
-        return self.values
-
-    def write(self, values: Any = None) -> None:
-        """Write ``values`` (a sequence of as many ints, copied into :attr:`values` first), or
-        :attr:`values` as it is. Every value is checked to fit ``width`` bytes before the
-        first store; nothing is written when one does not (ArgumentOutOfRange names it)."""
-        base = self._window.base
-        if not base:
-            raise self._closed("write")
-        if values is not None:
-            self._fill(values)
-        bad = _speedups.write_block(base, self.width, self._n, self._offsets_at, self._values_at)
-        if bad < self._n:
-            raise ArgumentOutOfRange(errno.EINVAL, f"BAR{self.bar.info.index} block write", self.bar.device.name,
-                                     f"value {self.values[bad]:#x} (item {bad}) does not fit {self.width} bytes; "
-                                     "nothing was written")
 
     def _fill(self, values: Any) -> None:
         what, target = f"BAR{self.bar.info.index} block write", self.bar.device.name
@@ -316,9 +303,14 @@ class RegisterBlock:
         arr = _u64_array(values, "value", what, target)
         ffi.memmove(self._values, arr, 8 * self._n)
 
-    def _closed(self, verb: str) -> InvalidArgument:
-        return InvalidArgument(errno.EBADF, f"BAR{self.bar.info.index} block {verb}", self.bar.device.name,
-                               "the BAR is closed")
+    def _too_wide(self, index: int) -> None:
+        raise ArgumentOutOfRange(errno.EINVAL, f"BAR{self.bar.info.index} block write", self.bar.device.name,
+                                 f"value {self.values[index]:#x} (item {index}) does not fit {self.width} bytes; "
+                                 "nothing was written")
+
+    def _closed(self) -> None:
+        raise InvalidArgument(errno.EBADF, f"BAR{self.bar.info.index} block", self.bar.device.name,
+                              "the BAR is closed")
 
 
 def _list_of(values: Any, what: str, operation: str, target: str) -> list[Any] | tuple[Any, ...]:
