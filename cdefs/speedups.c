@@ -517,12 +517,44 @@ static PyObject *window_poll(PyObject *self, PyObject *const *args, Py_ssize_t n
     return Py_BuildValue("(OKK)", matched ? Py_True : Py_False, (unsigned long long)v, (unsigned long long)reads);
 }
 
+/* first_overlap(iovas, sizes, n, iova, size) -> the index of the first [iovas[i],
+   iovas[i] + sizes[i]) that meets [iova, iova + size), or -1 */
+static PyObject *sp_first_overlap(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t ia, sa, n, lo, size, hi, i;
+    if (!nargs_is("first_overlap", nargs, 5) || u64_of(args[0], &ia) || u64_of(args[1], &sa)
+        || u64_of(args[2], &n) || u64_of(args[3], &lo) || u64_of(args[4], &size))
+        return NULL;
+    if (!size)
+        return PyLong_FromLong(-1);
+    hi = lo + (size - 1) < lo ? UINT64_MAX : lo + (size - 1);
+    const uint64_t *iv = (const uint64_t *)(uintptr_t)ia, *sz = (const uint64_t *)(uintptr_t)sa;
+    for (i = 0; i < n; i++)
+        if (sz[i] && iv[i] <= hi && iv[i] + (sz[i] - 1) >= lo)
+            return PyLong_FromUnsignedLongLong(i);
+    return PyLong_FromLong(-1);
+}
+
+/* sum_u64(address, n) -> the sum of n uint64 values (the bytes a batch unmapped) */
+static PyObject *sp_sum_u64(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t addr, n, i, total = 0;
+    if (!nargs_is("sum_u64", nargs, 2) || u64_of(args[0], &addr) || u64_of(args[1], &n))
+        return NULL;
+    const uint64_t *v = (const uint64_t *)(uintptr_t)addr;
+    for (i = 0; i < n; i++)
+        total += v[i];
+    return PyLong_FromUnsignedLongLong(total);
+}
+
 #define FAST(name, fn, doc) {name, (PyCFunction)(void (*)(void))(fastcall_fn)fn, METH_FASTCALL, doc}
 
 static PyMethodDef methods[] = {
     FAST("ioctl", sp_ioctl, "ioctl(fd, request, address) -> return value or -errno (GIL held)"),
     FAST("ioctl_rw", sp_ioctl_rw,
          "ioctl_rw(fd, request, data, release) -> the struct after the call (bytes), or -errno"),
+    FAST("sum_u64", sp_sum_u64, "sum_u64(address, n) -> the sum of n uint64 values"),
+    FAST("first_overlap", sp_first_overlap, "first_overlap(iovas, sizes, n, iova, size) -> index or -1"),
     FAST("read_block", sp_read_block, "read_block(base, width, n, offsets, out)"),
     FAST("write_block", sp_write_block, "write_block(base, width, n, offsets, values) -> n, or the first value too wide"),
     {NULL, NULL, 0, NULL},

@@ -34,6 +34,8 @@ class PyvfioError(OSError):
     index: int | None = None
     #: map_many: the Mappings made before the failing piece (they stay mapped and listed)
     mappings: list[Any] | None = None
+    #: map_run: the MappingRun of the pieces mapped before the failing one (listed in Iommu.runs)
+    run: Any = None
 
     def __init__(self, err: int | None, operation: str, target: str = "", reason: str = ""):
         self.operation = operation

@@ -27,6 +27,7 @@ from functools import partial
 from itertools import repeat
 from operator import is_, itemgetter
 
+from . import _speedups
 from ._cffi import ffi, lib
 from .errors import (
     ArgumentOutOfRange,
@@ -204,6 +205,54 @@ _IOAS_MAP_FIXED, _IOAS_MAP_R, _IOAS_MAP_W = (lib.IOMMU_IOAS_MAP_FIXED_IOVA, lib.
 _T1_MAP_R, _T1_MAP_W = lib.VFIO_DMA_MAP_FLAG_READ, lib.VFIO_DMA_MAP_FLAG_WRITE
 
 
+class MappingRun:
+    """Many pieces of one buffer mapped by one :meth:`Iommu.map_run`, kept as C arrays:
+    no Python object per piece, so a VMM can map guest RAM in thousands of pieces at the
+    cost of the ioctls. Listed in :attr:`Iommu.runs` (not in :attr:`Iommu.mappings`) until
+    :meth:`Iommu.unmap_run`; it keeps the buffer alive (and a DmaBuffer pinned) meanwhile.
+    ``iovas``, ``sizes`` and ``mappings()`` make Python objects on demand."""
+
+    __slots__ = ("iommu", "base", "keepalive", "_n", "_offsets", "_iovas", "_sizes")
+
+    def __init__(self, iommu: Iommu, base: int, keepalive: Any, arrays: list[Any], n: int):
+        self.iommu, self.base, self.keepalive, self._n = iommu, base, keepalive, n
+        self._offsets, self._iovas, self._sizes = arrays
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def iovas(self) -> list[int]:
+        got: list[int] = ffi.unpack(self._iovas, self._n)
+        return got
+
+    @property
+    def sizes(self) -> list[int]:
+        got: list[int] = ffi.unpack(self._sizes, self._n)
+        return got
+
+    @property
+    def size(self) -> int:
+        """Bytes mapped by the pieces still listed."""
+        return sum(self.sizes)
+
+    def mappings(self) -> list[Mapping]:
+        """The pieces as Mapping records (for reading: they are not listed in the Iommu)."""
+        base = self.base
+        return [Mapping(i, s, base + o, self.keepalive) for o, i, s in
+                zip(ffi.unpack(self._offsets, self._n), self.iovas, self.sizes)]
+
+    def _drop_first(self, k: int) -> None:
+        """Forget the first ``k`` pieces (unmapped): the rest move to the front."""
+        left = self._n - k
+        for arr in (self._offsets, self._iovas, self._sizes):
+            ffi.memmove(arr, arr + k, 8 * left)
+        self._n = left
+
+    def __repr__(self) -> str:
+        return f"<MappingRun of {self._n} pieces{'' if self._n else ' (unmapped)'}>"
+
+
 class IovaAllocator:
     """Hands out IOVA ranges from the allowed ranges: page-aligned, and aligned to the size's
     largest power of two (up to 1 GiB) so large mappings can use large IOMMU pages.
@@ -251,6 +300,37 @@ def _u64s(values: list[int], what: str, operation: str, target: str) -> Any:
         raise
 
 
+def _u64_copy(values: Any, what: str, operation: str, target: str) -> tuple[Any, int]:
+    """(our own ``uint64_t[]`` copy of ``values``, its length): a buffer of native uint64
+    (``array('Q')``) is copied in one memmove; a sequence of ints is converted, the first
+    bad element named."""
+    if not isinstance(values, (list, tuple, range, str, bytes)):
+        try:
+            view = memoryview(values)
+        except TypeError:
+            view = None
+        if view is not None:
+            with view:
+                if not (view.itemsize == 8 and view.format in ("Q", "L") and view.c_contiguous):
+                    raise BadArgumentType(errno.EINVAL, operation, target,
+                                          f"{what} must be ints or an array('Q') (native uint64), not {view.format!r} items")
+                n = view.nbytes // 8
+                arr = ffi.new("uint64_t[]", n or 1)
+                ffi.memmove(arr, view, 8 * n)
+                return arr, n
+    seq = check_sequence(values, what, operation, target)
+    try:
+        return (ffi.new("uint64_t[]", seq) if seq else ffi.new("uint64_t[]", 1)), len(seq)
+    except (TypeError, OverflowError):
+        for i, v in enumerate(seq):
+            check_int(v, f"{what} item {i}", 0, U64_MAX, operation, target)
+        raise
+
+
+def _address(cdata: Any) -> int:
+    return int(ffi.cast("uintptr_t", cdata))
+
+
 def _address_of(buffer: Any) -> tuple[int, int, Any]:
     """(address, length, export): ``export`` pins the buffer (an mmap cannot be closed
     while it is alive), so it is kept with the mapping."""
@@ -291,6 +371,7 @@ class Iommu:
             raise InvalidArgument(errno.EINVAL, "Iommu", repr(mode), f"unknown IOMMU mode; modes: {', '.join(MODES)}")
         self.mode = mode
         self.mappings: dict[int, Mapping] = {}
+        self.runs: list[MappingRun] = []  # map_run's, each many pieces kept as C arrays
         self._iommu_set = False
         self.allocator: IovaAllocator | None = None
         if mode == "iommufd":
@@ -531,6 +612,9 @@ class Iommu:
             iovas, sizes = list(map(_iova_of, ranges)), list(map(_size_of, ranges))
         else:
             iovas, sizes = self._unmap_columns(ranges)
+        if self.runs:
+            for i, (iova, size) in enumerate(zip(iovas, sizes)):
+                self._refuse_run_overlap(iova, size, f"range {i} (iova {iova:#x} size {size:#x}); nothing was unmapped")
         n = len(iovas)
         out = ffi.new("uint64_t[]", n or 1)
         err = ffi.new("int *")
@@ -590,6 +674,114 @@ class Iommu:
                                       f"range {i} is a Mapping or an (iova, size) pair, not {type(r).__name__}")
         return iovas, sizes
 
+    def map_run(self, buffer: Any, offsets: Any, iovas: Any, sizes: Any, *, readable: bool = True,
+                writeable: bool = True, unsafe_address: bool = False) -> MappingRun:
+        """Map many pieces of one buffer in one call, the loop in C, and keep them as one
+        :class:`MappingRun` (C arrays, no Python object per piece): the lean form of
+        :meth:`map_many` for guest RAM in thousands of pieces.
+
+        ``offsets`` (in the buffer), ``iovas`` and ``sizes``: equally long sequences of ints,
+        or buffers of native uint64 such as ``array('Q')`` (copied; the run owns its arrays).
+        Checked as :meth:`map_many` checks its pieces before the first is mapped. When the
+        kernel refuses piece ``i``, the pieces before it stay mapped as a run (the error's
+        ``run``, listed in :attr:`runs`; None when ``i`` is 0) and the error carries ``index``.
+        Unmap with :meth:`unmap_run` (or :meth:`unmap_all`); :meth:`unmap` and
+        :meth:`unmap_many` refuse a range that reaches into a run."""
+        if isinstance(buffer, int) and not isinstance(buffer, bool):
+            if not unsafe_address:
+                raise UnsafeOperation(errno.EINVAL, "DMA map", f"address {buffer:#x}",
+                                      "mapping a raw address needs unsafe_address=True (nothing keeps that memory alive)")
+            check_int(buffer, "address", 0, U64_MAX, "DMA map", self.target)
+            base, buflen, keep = buffer, U64_MAX - buffer, None
+        else:
+            base, buflen, export = _address_of(buffer)
+            keep = (buffer, export)
+        arrays = [_u64_copy(col, name, "DMA map", self.target)
+                  for col, name in ((offsets, "offsets"), (iovas, "iovas"), (sizes, "sizes"))]
+        n = arrays[0][1]
+        if not arrays[1][1] == arrays[2][1] == n:
+            raise InvalidArgument(errno.EINVAL, "DMA map", self.target,
+                                  f"{n} offsets, {arrays[1][1]} iovas and {arrays[2][1]} sizes; nothing was mapped")
+        cols = [a for a, _n in arrays]
+        bad = lib.pvl_check_pieces(base, buflen, PAGE, n, *cols)
+        if bad < n:
+            raise ArgumentOutOfRange(errno.EINVAL, "DMA map", self.target,
+                                     f"piece {bad} (offset {cols[0][bad]:#x}, iova {cols[1][bad]:#x}, size "
+                                     f"{cols[2][bad]:#x}) is empty, not {PAGE}-byte aligned or outside the "
+                                     f"{buflen:#x}-byte buffer; nothing was mapped")
+        err = ffi.new("int *")
+        if self.is_iommufd:
+            flags = lib.IOMMU_IOAS_MAP_FIXED_IOVA | (lib.IOMMU_IOAS_MAP_READABLE if readable else 0) \
+                | (lib.IOMMU_IOAS_MAP_WRITEABLE if writeable else 0)
+            ioas = self.ioas_id
+            assert ioas is not None  # iommufd mode always has one
+            done = lib.pvl_ioas_map_many(self.fileno(), ioas, flags, n, base, cols[0], cols[1], cols[2], err)
+            operation = "IOMMU_IOAS_MAP"
+        else:
+            flags = (lib.VFIO_DMA_MAP_FLAG_READ if readable else 0) | (lib.VFIO_DMA_MAP_FLAG_WRITE if writeable else 0)
+            done = lib.pvl_type1_map_many(self.fileno(), flags, n, base, cols[0], cols[1], cols[2], err)
+            operation = "VFIO_IOMMU_MAP_DMA"
+        run = MappingRun(self, base, keep, cols, done)
+        if done:
+            self.runs.append(run)
+            if isinstance(buffer, DmaBuffer):
+                buffer.mapped_by.add(id(self))
+        if done < n:
+            exc = error_for(err[0], operation, f"{self.target} piece {done} of {n} (iova {cols[1][done]:#x} size "
+                                               f"{cols[2][done]:#x}); "
+                                               + (f"pieces 0-{done - 1} are mapped, as the error's run" if done
+                                                  else "nothing was mapped"))
+            exc.index, exc.run = done, run if done else None
+            raise exc
+        return run
+
+    def unmap_run(self, run: MappingRun) -> int:
+        """Unmap every piece of ``run`` (the loop in C); returns the bytes unmapped. When the
+        kernel refuses piece ``i`` (or unmaps nothing there), the pieces before it are
+        unmapped and dropped from the run, which stays listed with the rest; the error
+        carries ``index``."""
+        if not isinstance(run, MappingRun) or not any(r is run for r in self.runs):
+            raise InvalidArgument(errno.EINVAL, "DMA unmap", self.target,
+                                  f"{run!r} is not a mapping run of this Iommu (or is unmapped already)")
+        n = len(run)
+        out = ffi.new("uint64_t[]", n or 1)
+        err = ffi.new("int *")
+        if self.is_iommufd:
+            ioas = self.ioas_id
+            assert ioas is not None  # iommufd mode always has one
+            done = lib.pvl_ioas_unmap_many(self.fileno(), ioas, n, run._iovas, run._sizes, out, err)
+            operation = "IOMMU_IOAS_UNMAP"
+        else:
+            done = lib.pvl_type1_unmap_many(self.fileno(), n, run._iovas, run._sizes, out, err)
+            operation = "VFIO_IOMMU_UNMAP_DMA"
+        total = _speedups.sum_u64(_address(out), done)  # no Python int per piece
+        if done == n:
+            run._n = 0
+            self._drop_run(run)
+            return total
+        first = (run.iovas[done], run.sizes[done])
+        run._drop_first(done)
+        exc = error_for(err[0], operation, f"{self.target} run piece {done} of {n} (iova {first[0]:#x} size "
+                                           f"{first[1]:#x}); the pieces before it are unmapped",
+                        "nothing is mapped in that IOVA range" if err[0] == errno.ENOENT else "")
+        exc.index = done
+        raise exc
+
+    def _drop_run(self, run: MappingRun) -> None:
+        self.runs = [r for r in self.runs if r is not run]
+        keep = run.keepalive
+        if keep and isinstance(keep[0], DmaBuffer):
+            keep[0].mapped_by.discard(id(self))
+
+    def _refuse_run_overlap(self, iova: int, size: int, what: str) -> None:
+        """InvalidArgument when [iova, iova + size) reaches into a piece of a mapping run:
+        unmapping it piecemeal would leave the run's bookkeeping wrong."""
+        for run in self.runs:
+            i = _speedups.first_overlap(_address(run._iovas), _address(run._sizes), len(run), iova, size)
+            if i >= 0:
+                raise InvalidArgument(errno.EINVAL, "DMA unmap", f"{self.target} {what}",
+                                      f"it reaches into piece {i} of a mapping run; unmap the run (unmap_run)")
+
     def map_file(self, file: FileLike, iova: int | None = None, *, offset: int = 0, size: int,
                  readable: bool = True, writeable: bool = True) -> Mapping:
         """IOMMU_IOAS_MAP_FILE: map ``size`` bytes of a memfd at ``offset`` (iommufd mode only).
@@ -629,6 +821,9 @@ class Iommu:
                 if known is None:
                     raise InvalidArgument(errno.EINVAL, "DMA unmap", f"iova {iova:#x}", "size is required")
                 size = known.size
+        if self.runs:
+            self._refuse_run_overlap(iova, size, f"iova {iova:#x} size {size:#x}")
+
         def target() -> str:
             return f"{self.target} iova {iova:#x} size {size:#x}"
 
@@ -736,6 +931,9 @@ class Iommu:
             done = call(self.kind, self.fileno(), "VFIO_IOMMU_UNMAP_DMA", flags=lib.VFIO_DMA_UNMAP_FLAG_ALL,
                         target=self.target).size
         self._forget(0, U64_MAX)
+        for run in self.runs:
+            run._n = 0
+            self._drop_run(run)
         return done
 
     def _forget(self, iova: int, size: int) -> None:
@@ -766,7 +964,7 @@ class Iommu:
         if self.fd.closed:
             return
         try:
-            if self.mappings:
+            if self.mappings or self.runs:
                 self.unmap_all()
             if self.is_iommufd and self._owns_ioas and self.ioas_id is not None:
                 try:

@@ -111,6 +111,59 @@ def test_unmap_many_stops_at_a_range_with_nothing_mapped(dev):
         assert iommu.mappings == {} and not buf.mapped_by
 
 
+def test_map_run_keeps_pieces_as_arrays_and_unmap_run_frees_them(dev):
+    e = edu.Edu(dev)
+    dev.enable_bus_master()
+    iommu = dev.iommu
+    n = PIECES
+    offsets = array("Q", range(0, n * PAGE, PAGE))
+    iovas = array("Q", range(IOVA, IOVA + n * PAGE, PAGE))
+    with DmaBuffer(n * PAGE) as buf:
+        run = iommu.map_run(buf, offsets, iovas, array("Q", [PAGE]) * n)
+        offsets[0] = 1  # the run copied its arrays: the caller's are theirs again
+        assert len(run) == n and iommu.runs == [run] and iommu.mappings == {}
+        assert run.iovas[:2] == [IOVA, IOVA + PAGE] and run.size == n * PAGE
+        assert run.mappings()[5].vaddr == buf.address + 5 * PAGE
+        pattern = bytes((i * 7 + 3) & 0xFF for i in range(edu.DMA_MAX))
+        buf.write(pattern, 3 * PAGE)
+        e.dma_to_device(IOVA + 3 * PAGE, edu.DMA_MAX)
+        e.dma_from_device(IOVA + 40 * PAGE, edu.DMA_MAX)
+        assert buf.read(40 * PAGE, edu.DMA_MAX) == pattern
+        with pytest.raises(errors.UnsafeOperation):
+            buf.close()  # the run keeps it pinned
+        with pytest.raises(errors.InvalidArgument, match="mapping run"):
+            iommu.unmap(IOVA + 2 * PAGE, PAGE)  # piecemeal: refused, nothing unmapped
+        with pytest.raises(errors.InvalidArgument, match="mapping run"):
+            iommu.unmap_many([(IOVA - PAGE, 2 * PAGE)])
+        assert iommu.unmap_run(run) == n * PAGE
+        assert iommu.runs == [] and len(run) == 0 and not buf.mapped_by
+        with pytest.raises(errors.InvalidArgument):
+            iommu.unmap_run(run)  # once only
+
+
+def test_map_run_checks_first_and_keeps_what_the_kernel_mapped(dev):
+    iommu = dev.iommu
+    with DmaBuffer(8 * PAGE) as buf:
+        with pytest.raises(errors.InvalidArgument, match="8 offsets, 7 iovas"):
+            iommu.map_run(buf, range(0, 8 * PAGE, PAGE), range(IOVA, IOVA + 7 * PAGE, PAGE), [PAGE] * 8)
+        with pytest.raises(errors.ArgumentOutOfRange, match="piece 3"):
+            iommu.map_run(buf, [0, PAGE, 2 * PAGE, 3 * PAGE], [IOVA, IOVA + PAGE, IOVA + 2 * PAGE, IOVA + 1],
+                          [PAGE] * 4)
+        with pytest.raises(errors.PyvfioError, match="iovas item 1"):
+            iommu.map_run(buf, [0, PAGE], [IOVA, -1], [PAGE, PAGE])
+        assert iommu.runs == [] and not buf.mapped_by
+        m = iommu.map(buf, IOVA + 5 * PAGE, size=PAGE)  # piece 5 of the run below is taken
+        with pytest.raises(errors.PyvfioError) as info:
+            iommu.map_run(buf, range(0, 8 * PAGE, PAGE), range(IOVA, IOVA + 8 * PAGE, PAGE), [PAGE] * 8)
+        assert info.value.index == 5 and info.value.run is not None and len(info.value.run) == 5
+        assert iommu.runs == [info.value.run]
+        assert iommu.unmap_run(info.value.run) == 5 * PAGE
+        iommu.unmap(m)
+        assert iommu.mappings == {} and iommu.runs == [] and not buf.mapped_by
+        run = iommu.map_run(buf, [0], [IOVA], [8 * PAGE])
+        assert iommu.unmap_all() == 8 * PAGE and iommu.runs == [] and len(run) == 0 and not buf.mapped_by
+
+
 # --- MMIO -------------------------------------------------------------------------------------
 def test_read_block_and_write_block_are_exact_width_accesses(dev):
     bar = dev.bar(0)
