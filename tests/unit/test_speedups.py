@@ -1,0 +1,147 @@
+"""The pure logic of pyvfio_lu._speedups over ordinary memory: bounds, alignment and width
+checks, the fallbacks, a closed Window, the block loops, the overlap and sum helpers, and
+ioctl_rw's argument checks. Register access on a real BAR and every ioctl path are proven
+in the guest (tests/guest/test_batch.py); here the memory is a bytearray."""
+
+from __future__ import annotations
+
+import struct
+import termios
+from array import array
+
+import pytest
+
+from pyvfio_lu import _speedups
+from pyvfio_lu._cffi import ffi
+from pyvfio_lu.ioctl import layout, template
+
+SIZE = 64
+
+
+@pytest.fixture
+def window():
+    memory = bytearray(range(SIZE))
+    calls: list[tuple[object, ...]] = []
+
+    def read_fallback(offset, width):
+        calls.append(("read", offset, width))
+        return "fallback"
+
+    def write_fallback(offset, value, width):
+        calls.append(("write", offset, value, width))
+
+    address = int(ffi.cast("uintptr_t", ffi.from_buffer(memory)))
+    w = _speedups.Window(address, SIZE, read_fallback, write_fallback)
+    yield w, memory, calls
+
+
+def test_reads_and_writes_of_each_width_hit_exactly_those_bytes(window):
+    w, memory, calls = window
+    assert w.read8(5) == 5
+    assert w.read16(2) == struct.unpack_from("=H", memory, 2)[0]
+    assert w.read32(4) == struct.unpack_from("=I", memory, 4)[0]
+    assert w.read64(8) == struct.unpack_from("=Q", memory, 8)[0]
+    w.write16(16, 0xBEEF)
+    assert struct.unpack_from("=H", memory, 16)[0] == 0xBEEF and memory[18] == 18  # nothing past 2 bytes
+    w.write64(SIZE - 8, 2**64 - 1)
+    assert memory[SIZE - 8:] == b"\xff" * 8
+    assert calls == []
+
+
+@pytest.mark.parametrize("offset", [SIZE - 2, SIZE, 2, -4, 2**70, 1.0, "4", True, None])
+def test_an_offset_the_fast_path_does_not_take_goes_to_the_fallback(window, offset):
+    w, _memory, calls = window
+    assert w.read32(offset) == "fallback"
+    w.write32(offset, 1)
+    assert calls == [("read", offset, 4), ("write", offset, 1, 4)]
+
+
+@pytest.mark.parametrize("value", [2**32, -1, 1.5, "1", None])
+def test_a_value_that_does_not_fit_goes_to_the_fallback_and_nothing_is_stored(window, value):
+    w, memory, calls = window
+    before = bytes(memory)
+    w.write32(0, value)
+    assert calls == [("write", 0, value, 4)] and bytes(memory) == before
+
+
+def test_a_closed_window_touches_nothing(window):
+    w, memory, calls = window
+    w.close()
+    assert w.size == -1 and w.base == 0
+    assert w.read8(0) == "fallback"
+    w.write8(0, 1)
+    assert w.poll(0, 4, 0, 0, 0) is None
+    assert calls == [("read", 0, 1), ("write", 0, 1, 1)] and memory[0] == 0
+
+
+def test_poll_matches_at_once_times_out_and_refuses_a_bad_offset(window):
+    w, memory, _calls = window
+    assert w.poll(4, 4, 0xFF, 4, 10**9) == (True, struct.unpack_from("=I", memory, 4)[0], 1)
+    matched, last, reads = w.poll(4, 4, 0xFF, 0x55, 10**6)  # 1 ms
+    assert not matched and last == struct.unpack_from("=I", memory, 4)[0] and reads >= 1
+    assert w.poll(SIZE, 4, 1, 1, 0) is None and w.poll(2, 4, 1, 1, 0) is None
+    with pytest.raises(ValueError):
+        w.poll(0, 3, 1, 1, 0)
+
+
+def test_window_blocks_read_in_order_and_write_only_values_that_fit(window):
+    w, memory, _calls = window
+    offsets, out, result = array("Q", [8, 0, 8]), array("Q", [0, 0, 0]), object()
+    addr = lambda a: a.buffer_info()[0]  # noqa: E731
+    closed = lambda: pytest.fail("not closed")  # noqa: E731
+    assert w.read_block(4, 3, addr(offsets), addr(out), result, closed) is result
+    at8, at0 = struct.unpack_from("=I", memory, 8)[0], struct.unpack_from("=I", memory, 0)[0]
+    assert list(out) == [at8, at0, at8]
+    values, wide = array("Q", [1, 2, 3]), []
+    w.write_block(4, 3, addr(offsets), addr(values), None, closed, wide.append)
+    assert struct.unpack_from("=I", memory, 8)[0] == 3 and struct.unpack_from("=I", memory, 0)[0] == 2
+    values[1] = 2**32
+    w.write_block(4, 3, addr(offsets), addr(values), None, closed, wide.append)
+    assert wide == [1] and struct.unpack_from("=I", memory, 8)[0] == 3  # nothing written
+    filled = []
+    w.write_block(4, 3, addr(offsets), addr(values), filled.append, closed, wide.append, "new")
+    assert filled == ["new"]
+    w.close()
+    assert w.read_block(4, 3, addr(offsets), addr(out), result, lambda: "closed") == "closed"
+
+
+def test_first_overlap_and_sum():
+    iovas, sizes = array("Q", [0x1000, 0x3000, 0x8000]), array("Q", [0x1000, 0x2000, 0x1000])
+    at = lambda a: a.buffer_info()[0]  # noqa: E731
+    assert _speedups.first_overlap(at(iovas), at(sizes), 3, 0, 0x1000) == -1
+    assert _speedups.first_overlap(at(iovas), at(sizes), 3, 0x1fff, 1) == 0
+    assert _speedups.first_overlap(at(iovas), at(sizes), 3, 0x2000, 0x1001) == 1
+    assert _speedups.first_overlap(at(iovas), at(sizes), 3, 0x5000, 0x3000) == -1
+    assert _speedups.first_overlap(at(iovas), at(sizes), 3, 0x7000, 2**64 - 0x7000) == 2  # to the top, no wrap
+    assert _speedups.first_overlap(at(iovas), at(sizes), 3, 0x1000, 0) == -1
+    assert _speedups.sum_u64(at(sizes), 3) == 0x4000 and _speedups.sum_u64(at(sizes), 0) == 0
+
+
+def test_ioctl_rw_returns_minus_errno_and_checks_its_argument():
+    import os
+
+    r, w = os.pipe()
+    try:
+        os.write(w, b"abc")
+        got = _speedups.ioctl_rw(r, termios.FIONREAD, bytes(8), False)
+        assert isinstance(got, bytes) and struct.unpack_from("=i", got)[0] == 3
+        assert _speedups.ioctl_rw(r, termios.FIONREAD, bytes(8), True)[:4] == got[:4]  # with the GIL released
+        assert _speedups.ioctl_rw(-1, termios.FIONREAD, bytes(8), False) < 0  # EBADF, as -errno
+        assert _speedups.ioctl_rw(2**80, termios.FIONREAD, bytes(8), False) < 0  # not an fd: EBADF, no OverflowError
+        for bad in (b"", bytes(513)):
+            with pytest.raises(ValueError):
+                _speedups.ioctl_rw(r, termios.FIONREAD, bad, False)
+        with pytest.raises(TypeError):
+            _speedups.ioctl_rw(r, termios.FIONREAD, "text", False)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_layout_and_template_follow_cffi():
+    packer = layout("iommu_ioas_map", "size flags ioas_id __reserved user_va length iova")
+    assert packer.size == ffi.sizeof("struct iommu_ioas_map") and packer.format == "=IIIIQQQ"
+    with pytest.raises(AssertionError):
+        layout("iommu_ioas_map", "size flags")
+    t = template("vfio_device_info")
+    assert len(t) == ffi.sizeof("struct vfio_device_info") and struct.unpack_from("=I", t)[0] == len(t)
