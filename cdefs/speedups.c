@@ -120,6 +120,101 @@ static PyObject *sp_ioctl_rw(PyObject *self, PyObject *const *args, Py_ssize_t n
     return PyBytes_FromStringAndSize(buf, len);
 }
 
+/* The ioctl of ioctl_rw into buf (len bytes copied from data first); 0 or -errno. */
+static long rw_into(PyObject *const *args, char *buf, Py_ssize_t *len, long *ret)
+{
+    long fd;
+    uint64_t req;
+    char *data;
+    if (fd_of(args[0], &fd) || u64_of(args[1], &req) || PyBytes_AsStringAndSize(args[2], &data, len) < 0)
+        return -1;
+    if (*len < (Py_ssize_t)sizeof(uint32_t) || *len > RW_MAX) {
+        PyErr_SetString(PyExc_ValueError, "ioctl: argument size out of range");
+        return -1;
+    }
+    memcpy(buf, data, (size_t)*len);
+    *ret = fd < 0 ? -EBADF : ioctl((int)fd, (unsigned long)req, buf);
+    if (*ret < 0 && fd >= 0)
+        *ret = -errno;
+    return 0;
+}
+
+/* ioctl_record(fd, request, data, cls, first, count, tail) -> cls instance | -errno: the
+   query ioctl of ioctl_rw (GIL held), then an instance of cls (a tuple subclass) holding
+   (word[first], ..., word[first + count - 1]) + tail from the struct's __u32 words: a
+   record in one call. */
+static PyObject *sp_ioctl_record(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    char buf[RW_MAX];
+    Py_ssize_t len, i;
+    long ret, first, count;
+    PyObject *items;
+    if (!nargs_is("ioctl_record", nargs, 7) || long_of(args[4], &first) || long_of(args[5], &count))
+        return NULL;
+    if (!PyTuple_Check(args[6]) || !PyType_Check(args[3])
+        || !PyType_IsSubtype((PyTypeObject *)args[3], &PyTuple_Type)
+        || !(PyType_GetFlags((PyTypeObject *)args[3]) & Py_TPFLAGS_HEAPTYPE)) {
+        PyErr_SetString(PyExc_TypeError, "ioctl_record: cls must be a tuple subclass (a namedtuple), tail a tuple");
+        return NULL;
+    }
+    if (rw_into(args, buf, &len, &ret) < 0)
+        return NULL;
+    if (ret < 0)
+        return PyLong_FromLong(ret);
+    if (first < 0 || count < 0 || (first + count) * 4 > len) {
+        PyErr_SetString(PyExc_ValueError, "ioctl_record: words outside the struct");
+        return NULL;
+    }
+    Py_ssize_t tail = PyTuple_Size(args[6]);
+    /* the record made directly as an instance of cls (a tuple subclass, as namedtuples are):
+       its type's allocator, then the items set as in any new tuple */
+    allocfunc alloc = (allocfunc)PyType_GetSlot((PyTypeObject *)args[3], Py_tp_alloc);
+    if (!alloc)
+        return NULL;
+    items = alloc((PyTypeObject *)args[3], count + tail);
+    if (!items)
+        return NULL;
+    for (i = 0; i < count; i++) {
+        uint32_t word;
+        memcpy(&word, buf + 4 * (first + i), 4);
+        PyObject *v = PyLong_FromUnsignedLong(word);
+        if (!v) {
+            Py_DECREF(items);
+            return NULL;
+        }
+        PyTuple_SetItem(items, i, v);
+    }
+    for (i = 0; i < tail; i++) {
+        PyObject *v = PyTuple_GetItem(args[6], i);
+        Py_INCREF(v);
+        PyTuple_SetItem(items, count + i, v);
+    }
+    return items;
+}
+
+/* ioctl_text(fd, request, data, offset, size) -> str | -errno: the query ioctl of
+   ioctl_rw, then the NUL-terminated text of at most size bytes at offset, decoded as
+   UTF-8 with surrogateescape (a name as the kernel keeps it). */
+static PyObject *sp_ioctl_text(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    char buf[RW_MAX];
+    Py_ssize_t len, n;
+    long ret, off, size;
+    if (!nargs_is("ioctl_text", nargs, 5) || long_of(args[3], &off) || long_of(args[4], &size))
+        return NULL;
+    if (rw_into(args, buf, &len, &ret) < 0)
+        return NULL;
+    if (ret < 0)
+        return PyLong_FromLong(ret);
+    if (off < 0 || size < 0 || off + size > len) {
+        PyErr_SetString(PyExc_ValueError, "ioctl_text: text outside the struct");
+        return NULL;
+    }
+    for (n = 0; n < size && buf[off + n]; n++)
+        ;
+    return PyUnicode_DecodeUTF8(buf + off, n, "surrogateescape");
+}
+
 static uint64_t mmio_load(uintptr_t at, int width)
 {
     switch (width) {
@@ -553,6 +648,10 @@ static PyMethodDef methods[] = {
     FAST("ioctl", sp_ioctl, "ioctl(fd, request, address) -> return value or -errno (GIL held)"),
     FAST("ioctl_rw", sp_ioctl_rw,
          "ioctl_rw(fd, request, data, release) -> the struct after the call (bytes), or -errno"),
+    FAST("ioctl_record", sp_ioctl_record,
+         "ioctl_record(fd, request, data, cls, first, count, tail) -> cls of the struct's __u32 words, or -errno"),
+    FAST("ioctl_text", sp_ioctl_text,
+         "ioctl_text(fd, request, data, offset, size) -> the NUL-terminated text at offset, or -errno"),
     FAST("sum_u64", sp_sum_u64, "sum_u64(address, n) -> the sum of n uint64 values"),
     FAST("first_overlap", sp_first_overlap, "first_overlap(iovas, sizes, n, iova, size) -> index or -1"),
     FAST("read_block", sp_read_block, "read_block(base, width, n, offsets, out)"),

@@ -26,7 +26,7 @@ import errno
 import os
 import warnings
 
-from . import procfs
+from . import _speedups, procfs
 from ._cffi import ffi, lib
 from .errors import (
     AlreadyPreserved,
@@ -46,11 +46,13 @@ from .errors import (
     error_for,
 )
 from .fd import FileLike, OwnedFd, fileno_of
-from .ioctl import FdKind, call, fd_kind, rw, template
+from .ioctl import FdKind, call, fd_kind, template
 
 _GET_NAME = lib.LIVEUPDATE_SESSION_GET_NAME
 _GET_NAME_ARG = template("liveupdate_session_get_name")
 _NAME_AT = ffi.offsetof("struct liveupdate_session_get_name", "name")
+_NAME_SIZE = ffi.sizeof(ffi.typeof("struct liveupdate_session_get_name").fields[2][1].type)
+_ioctl_text = _speedups.ioctl_text
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
@@ -399,9 +401,9 @@ class Session:
     def get_name(self) -> str:
         """The session's name as the kernel reports it (LIVEUPDATE_SESSION_GET_NAME)."""
         # the lean path: one builtin call (a closed session's fd reads -1: EBADF, named below)
-        got = rw(self._fd._fd, _GET_NAME, _GET_NAME_ARG, False)
-        if type(got) is bytes:
-            return got[_NAME_AT:].rstrip(b"\0").decode("utf-8", "surrogateescape")  # zero-filled after the name
+        got = _ioctl_text(self._fd._fd, _GET_NAME, _GET_NAME_ARG, _NAME_AT, _NAME_SIZE)
+        if type(got) is str:
+            return got
         return get_name(self.fileno(), self._target)  # SessionClosed, or the kernel's refusal named
 
     def _target(self) -> str:
@@ -459,9 +461,9 @@ class Session:
 
 
 def get_name(fd: int, target: str | Callable[[], str] = "") -> str:
-    got = rw(fd, _GET_NAME, _GET_NAME_ARG, False) if type(fd) is int else None
-    if type(got) is bytes:
-        return got[_NAME_AT:].rstrip(b"\0").decode("utf-8", "surrogateescape")  # zero-filled after the name
+    got = _ioctl_text(fd, _GET_NAME, _GET_NAME_ARG, _NAME_AT, _NAME_SIZE) if type(fd) is int else None
+    if type(got) is str:
+        return got
     arg = call(FdKind.LUO_SESSION, fd, "LIVEUPDATE_SESSION_GET_NAME", target=target or (lambda: f"session fd {fd}"))
     name: bytes = ffi.string(ffi.cast("char *", arg.name), 64)
     return name.decode(errors="surrogateescape")

@@ -23,6 +23,7 @@ import errno
 import os
 import time
 
+from .. import _speedups
 from .._cffi import ffi, lib
 from ..errors import (
     BadArgumentType,
@@ -36,7 +37,7 @@ from ..errors import (
     error_for,
 )
 from ..fd import OwnedFd, fileno_of
-from ..ioctl import FdKind, call, fd_kind, layout, rw, template
+from ..ioctl import FdKind, call, fd_kind, layout, template
 from ..iommu import Iommu
 from ..preservation import bdf_of_cdev, bdf_of_fd
 from ..sysfs import PciDevice, parse_bdf
@@ -70,8 +71,10 @@ _DEVICE_INFO_SIZE = ffi.sizeof("struct vfio_device_info")
 _DEVICE_FLAGS_CAPS = lib.VFIO_DEVICE_FLAGS_CAPS
 _GET_INFO = lib.VFIO_DEVICE_GET_INFO
 _GET_INFO_ARG = template("vfio_device_info")
-_INFO_WORDS = layout("vfio_device_info", "argsz flags num_regions num_irqs cap_offset pad")
-_tuple_new = tuple.__new__
+# words 1-3 of struct vfio_device_info are flags, num_regions, num_irqs (checked at import)
+assert layout("vfio_device_info", "argsz flags num_regions num_irqs cap_offset pad").format == "=IIIIII"
+_ioctl_record = _speedups.ioctl_record
+_NO_CAPS: tuple[tuple[()]] = ((),)  # the record's last field, caps: none
 
 
 class VfioDevice(IrqsMixin, LiveUpdateMixin):
@@ -277,13 +280,10 @@ class VfioDevice(IrqsMixin, LiveUpdateMixin):
     # --- info ------------------------------------------------------------------------------
     def info(self) -> DeviceInfo:
         """VFIO_DEVICE_GET_INFO: flags, number of regions and IRQs, capabilities."""
-        if self.bound:  # the lean path: one builtin call and one unpack (a closed fd reads -1: EBADF)
-            got = rw(self._fd._fd, _GET_INFO, _GET_INFO_ARG, False)
-            if type(got) is bytes:
-                _argsz, flags, regions, irqs, _cap_offset, _pad = _INFO_WORDS.unpack(got)
-                if not flags & _DEVICE_FLAGS_CAPS:
-                    info: DeviceInfo = _tuple_new(DeviceInfo, (flags, regions, irqs, ()))
-                    return info
+        if self.bound:  # the lean path: one builtin call makes the record (a closed fd reads -1: EBADF)
+            got = _ioctl_record(self._fd._fd, _GET_INFO, _GET_INFO_ARG, DeviceInfo, 1, 3, _NO_CAPS)
+            if type(got) is DeviceInfo and not got[0] & _DEVICE_FLAGS_CAPS:
+                return got
         return self._info()  # capabilities, or a failure named (a query: asking again changes nothing)
 
     def _info(self) -> DeviceInfo:

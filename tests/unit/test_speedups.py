@@ -145,3 +145,30 @@ def test_layout_and_template_follow_cffi():
         layout("iommu_ioas_map", "size flags")
     t = template("vfio_device_info")
     assert len(t) == ffi.sizeof("struct vfio_device_info") and struct.unpack_from("=I", t)[0] == len(t)
+
+
+def test_ioctl_record_and_text_make_their_result_in_one_call():
+    import os
+
+    from pyvfio_lu.vfio.records import DeviceInfo
+
+    r, w = os.pipe()
+    try:
+        os.write(w, b"abcdef")
+        got = _speedups.ioctl_record(r, termios.FIONREAD, bytes(24), DeviceInfo, 0, 3, ((),))
+        assert type(got) is DeviceInfo and got == (6, 0, 0, ()) and got.caps == ()
+        assert _speedups.ioctl_record(-1, termios.FIONREAD, bytes(24), DeviceInfo, 0, 3, ((),)) < 0
+        for cls in (int, tuple, "x"):  # only a namedtuple-like class (a heap tuple subclass)
+            with pytest.raises(TypeError):
+                _speedups.ioctl_record(r, termios.FIONREAD, bytes(24), cls, 0, 3, ())
+        with pytest.raises(ValueError):
+            _speedups.ioctl_record(r, termios.FIONREAD, bytes(24), DeviceInfo, 5, 3, ())
+        # FIONREAD writes an int (6) at offset 0: the text is b"\x06", up to the first NUL
+        assert _speedups.ioctl_text(r, termios.FIONREAD, b"\0\0\0\0xyz\xff" + bytes(8), 0, 16) == "\x06"
+        assert _speedups.ioctl_text(r, termios.FIONREAD, b"\0\0\0\0xyz\xff" + bytes(8), 4, 4) == "xyz\udcff"
+        assert _speedups.ioctl_text(-1, termios.FIONREAD, bytes(8), 0, 8) < 0
+        with pytest.raises(ValueError):
+            _speedups.ioctl_text(r, termios.FIONREAD, bytes(8), 4, 8)
+    finally:
+        os.close(r)
+        os.close(w)
