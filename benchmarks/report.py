@@ -304,9 +304,9 @@ def analysis(results: dict[str, Any]) -> list[str]:
             "(which releases and re-takes the GIL and converts each argument) costs more than the syscall. "
             f"`dev.info()` takes {fmt_ns(info['python_median_ns'])} "
             f"({info['python_median_ns'] / floor['python_median_ns']:.2f}x the floor): its lean path is one "
-            "`_speedups.ioctl_rw` builtin call (the packed argument in, the struct out as bytes, the GIL kept), one "
-            "`struct.Struct.unpack` and the `DeviceInfo` tuple; what is left over the floor is the Python method "
-            "call and those two allocations (each a few hundred ns of interpreter and allocator work under TCG)."
+            "builtin call, `_speedups.ioctl_record` (the prepared argument copied, the ioctl issued with the GIL "
+            "kept, the `DeviceInfo` record allocated as the namedtuple itself from the struct's words), and a "
+            "flags test; what is left over the floor is the Python method call."
             f"{_top(results, 'ioctl_get_info')} The raw `call()` layer takes {fmt_ns(raw['python_median_ns'])} "
             f"({raw['python_median_ns'] / floor['python_median_ns']:.2f}x the floor): it must return a fresh cffi "
             "struct (one `ffi.new`, itself about as dear as the floor's call), goes through cffi's call (GIL "
@@ -317,8 +317,9 @@ def analysis(results: dict[str, Any]) -> list[str]:
             f"- **ioctl (LIVEUPDATE_SESSION_GET_NAME)** — C {fmt_ns(gn['c_median_ns'])}, floor "
             f"{fmt_ns(gnf['python_median_ns'])}, `get_name()` {fmt_ns(gn['python_median_ns'])} "
             f"({gn['python_median_ns'] / gnf['python_median_ns']:.2f}x the floor), raw `call()` "
-            f"{fmt_ns(gnr['python_median_ns'])}. `get_name()` is one builtin call, a slice, `rstrip` and a UTF-8 "
-            f"decode (a closed session's fd reads -1, so the error is named on the failure path only)."
+            f"{fmt_ns(gnr['python_median_ns'])}. `get_name()` is one builtin call, `_speedups.ioctl_text` (the "
+            "ioctl, then the name decoded in C), which skips cffi's GIL release and so can be quicker than the "
+            "floor; a closed session's fd reads -1, so the error is named on the failure path only."
             f"{_top(results, 'ioctl_get_name')}")
     rd, rdf, mv = _row(results, "mmio_read32"), _row(results, "mmio_read32_floor"), _row(results, "mmio_read32_memoryview")
     if rd and rdf:
