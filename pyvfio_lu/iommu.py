@@ -543,6 +543,51 @@ class Iommu:
         self.mappings[iova] = m
         return m
 
+    def _many_base(self, buffer: Any, unsafe_address: bool) -> tuple[int, int, Any]:
+        """(address, length, keepalive) of what map_many/map_run map pieces of."""
+        if isinstance(buffer, int) and not isinstance(buffer, bool):
+            if not unsafe_address:
+                raise UnsafeOperation(errno.EINVAL, "DMA map", f"address {buffer:#x}",
+                                      "mapping a raw address needs unsafe_address=True (nothing keeps that memory alive)")
+            check_int(buffer, "address", 0, U64_MAX, "DMA map", self.target)
+            return buffer, U64_MAX - buffer, None
+        base, buflen, export = _address_of(buffer)
+        return base, buflen, (buffer, export)
+
+    def _map_in_c(self, base: int, buflen: int, cols: Any, n: int, readable: bool,
+                  writeable: bool) -> tuple[int, int, str]:
+        """Check every piece (ArgumentOutOfRange naming the first bad one, nothing mapped),
+        then map them in C: (pieces mapped, errno of the one refused, the ioctl's name)."""
+        bad = lib.pvl_check_pieces(base, buflen, PAGE, n, *cols)
+        if bad < n:
+            raise ArgumentOutOfRange(errno.EINVAL, "DMA map", self.target,
+                                     f"piece {bad} (offset {cols[0][bad]:#x}, iova {cols[1][bad]:#x}, size "
+                                     f"{cols[2][bad]:#x}) is empty, not {PAGE}-byte aligned or outside the "
+                                     f"{buflen:#x}-byte buffer; nothing was mapped")
+        err = ffi.new("int *")
+        if self.is_iommufd:
+            flags = lib.IOMMU_IOAS_MAP_FIXED_IOVA | (lib.IOMMU_IOAS_MAP_READABLE if readable else 0) \
+                | (lib.IOMMU_IOAS_MAP_WRITEABLE if writeable else 0)
+            ioas = self.ioas_id
+            assert ioas is not None  # iommufd mode always has one
+            done = lib.pvl_ioas_map_many(self.fileno(), ioas, flags, n, base, cols[0], cols[1], cols[2], err)
+            return done, err[0], "IOMMU_IOAS_MAP"
+        flags = (lib.VFIO_DMA_MAP_FLAG_READ if readable else 0) | (lib.VFIO_DMA_MAP_FLAG_WRITE if writeable else 0)
+        done = lib.pvl_type1_map_many(self.fileno(), flags, n, base, cols[0], cols[1], cols[2], err)
+        return done, err[0], "VFIO_IOMMU_MAP_DMA"
+
+    def _unmap_in_c(self, n: int, iovas: Any, sizes: Any, out: Any) -> tuple[int, int, str]:
+        """Unmap n ranges in C, each range's bytes into ``out``: (ranges unmapped, errno of
+        the one refused, the ioctl's name)."""
+        err = ffi.new("int *")
+        if self.is_iommufd:
+            ioas = self.ioas_id
+            assert ioas is not None  # iommufd mode always has one
+            done = lib.pvl_ioas_unmap_many(self.fileno(), ioas, n, iovas, sizes, out, err)
+            return done, err[0], "IOMMU_IOAS_UNMAP"
+        done = lib.pvl_type1_unmap_many(self.fileno(), n, iovas, sizes, out, err)
+        return done, err[0], "VFIO_IOMMU_UNMAP_DMA"
+
     def map_many(self, buffer: Any, pieces: Any, *, readable: bool = True, writeable: bool = True,
                  unsafe_address: bool = False) -> list[Mapping]:
         """Map many pieces of one buffer in one call, the loop in C (one IOMMU_IOAS_MAP or
@@ -555,45 +600,20 @@ class Iommu:
         MappingExists; no room: NoSpace...), the pieces before it stay mapped and listed,
         and the error carries ``index`` (i) and ``mappings`` (the Mappings made before it).
         Returns the Mappings, in order."""
-        if isinstance(buffer, int) and not isinstance(buffer, bool):
-            if not unsafe_address:
-                raise UnsafeOperation(errno.EINVAL, "DMA map", f"address {buffer:#x}",
-                                      "mapping a raw address needs unsafe_address=True (nothing keeps that memory alive)")
-            check_int(buffer, "address", 0, U64_MAX, "DMA map", self.target)
-            base, buflen, keep = buffer, U64_MAX - buffer, None
-        else:
-            base, buflen, export = _address_of(buffer)
-            keep = (buffer, export)
+        base, buflen, keep = self._many_base(buffer, unsafe_address)
         pieces = check_sequence(pieces, "pieces", "DMA map", self.target)
         offsets, iovas, sizes = _piece_columns(pieces, "DMA map", self.target)
         n = len(offsets)
         arrays = [_u64s(col, name, "DMA map", self.target) for col, name in
                   ((offsets, "offset"), (iovas, "iova"), (sizes, "size"))]
-        bad = lib.pvl_check_pieces(base, buflen, PAGE, n, *arrays)
-        if bad < n:
-            raise ArgumentOutOfRange(errno.EINVAL, "DMA map", self.target,
-                                     f"piece {bad} (offset {offsets[bad]:#x}, iova {iovas[bad]:#x}, size "
-                                     f"{sizes[bad]:#x}) is empty, not {PAGE}-byte aligned or outside the "
-                                     f"{buflen:#x}-byte buffer; nothing was mapped")
-        err = ffi.new("int *")
-        if self.is_iommufd:
-            flags = lib.IOMMU_IOAS_MAP_FIXED_IOVA | (lib.IOMMU_IOAS_MAP_READABLE if readable else 0) \
-                | (lib.IOMMU_IOAS_MAP_WRITEABLE if writeable else 0)
-            ioas = self.ioas_id
-            assert ioas is not None  # iommufd mode always has one
-            done = lib.pvl_ioas_map_many(self.fileno(), ioas, flags, n, base, arrays[0], arrays[1], arrays[2], err)
-            operation = "IOMMU_IOAS_MAP"
-        else:
-            flags = (lib.VFIO_DMA_MAP_FLAG_READ if readable else 0) | (lib.VFIO_DMA_MAP_FLAG_WRITE if writeable else 0)
-            done = lib.pvl_type1_map_many(self.fileno(), flags, n, base, arrays[0], arrays[1], arrays[2], err)
-            operation = "VFIO_IOMMU_MAP_DMA"
+        done, err, operation = self._map_in_c(base, buflen, arrays, n, readable, writeable)
         # the Mappings made in C (no Python call per piece): (iova, size, base + offset, keep)
         made = list(map(_new_mapping, zip(iovas[:done], sizes[:done], map(base.__add__, offsets[:done]), repeat(keep))))
         self.mappings.update(zip(iovas[:done], made))
         if isinstance(buffer, DmaBuffer) and done:
             buffer.mapped_by.add(id(self), done)
         if done < n:
-            exc = error_for(err[0], operation, f"{self.target} piece {done} of {n} (iova {iovas[done]:#x} size "
+            exc = error_for(err, operation, f"{self.target} piece {done} of {n} (iova {iovas[done]:#x} size "
                                                f"{sizes[done]:#x}); pieces 0-{done - 1} are mapped" if done else
                             f"{self.target} piece 0 of {n} (iova {iovas[0]:#x} size {sizes[0]:#x}); nothing was mapped")
             exc.index, exc.mappings = done, made
@@ -617,23 +637,15 @@ class Iommu:
                 self._refuse_run_overlap(iova, size, f"range {i} (iova {iova:#x} size {size:#x}); nothing was unmapped")
         n = len(iovas)
         out = ffi.new("uint64_t[]", n or 1)
-        err = ffi.new("int *")
-        if self.is_iommufd:
-            ioas = self.ioas_id
-            assert ioas is not None  # iommufd mode always has one
-            done = lib.pvl_ioas_unmap_many(self.fileno(), ioas, n, iovas, sizes, out, err)
-            operation = "IOMMU_IOAS_UNMAP"
-        else:
-            done = lib.pvl_type1_unmap_many(self.fileno(), n, iovas, sizes, out, err)
-            operation = "VFIO_IOMMU_UNMAP_DMA"
+        done, err, operation = self._unmap_in_c(n, iovas, sizes, out)
         lengths = ffi.unpack(out, done)
         if not self._forget_many(ranges, iovas[:done], sizes[:done], lengths):
             for iova, size, got in zip(iovas, sizes, lengths):
                 self._forget_done(iova, size, got)
         if done < n:
-            exc = error_for(err[0], operation, f"{self.target} range {done} of {n} (iova {iovas[done]:#x} size "
-                                               f"{sizes[done]:#x}); ranges before it are unmapped",
-                            "nothing is mapped in that IOVA range" if err[0] == errno.ENOENT else "")
+            exc = error_for(err, operation, f"{self.target} range {done} of {n} (iova {iovas[done]:#x} size "
+                                            f"{sizes[done]:#x}); ranges before it are unmapped",
+                            "nothing is mapped in that IOVA range" if err == errno.ENOENT else "")
             exc.index = done
             raise exc
         return sum(lengths)
@@ -687,15 +699,7 @@ class Iommu:
         ``run``, listed in :attr:`runs`; None when ``i`` is 0) and the error carries ``index``.
         Unmap with :meth:`unmap_run` (or :meth:`unmap_all`); :meth:`unmap` and
         :meth:`unmap_many` refuse a range that reaches into a run."""
-        if isinstance(buffer, int) and not isinstance(buffer, bool):
-            if not unsafe_address:
-                raise UnsafeOperation(errno.EINVAL, "DMA map", f"address {buffer:#x}",
-                                      "mapping a raw address needs unsafe_address=True (nothing keeps that memory alive)")
-            check_int(buffer, "address", 0, U64_MAX, "DMA map", self.target)
-            base, buflen, keep = buffer, U64_MAX - buffer, None
-        else:
-            base, buflen, export = _address_of(buffer)
-            keep = (buffer, export)
+        base, buflen, keep = self._many_base(buffer, unsafe_address)
         arrays = [_u64_copy(col, name, "DMA map", self.target)
                   for col, name in ((offsets, "offsets"), (iovas, "iovas"), (sizes, "sizes"))]
         n = arrays[0][1]
@@ -703,31 +707,14 @@ class Iommu:
             raise InvalidArgument(errno.EINVAL, "DMA map", self.target,
                                   f"{n} offsets, {arrays[1][1]} iovas and {arrays[2][1]} sizes; nothing was mapped")
         cols = [a for a, _n in arrays]
-        bad = lib.pvl_check_pieces(base, buflen, PAGE, n, *cols)
-        if bad < n:
-            raise ArgumentOutOfRange(errno.EINVAL, "DMA map", self.target,
-                                     f"piece {bad} (offset {cols[0][bad]:#x}, iova {cols[1][bad]:#x}, size "
-                                     f"{cols[2][bad]:#x}) is empty, not {PAGE}-byte aligned or outside the "
-                                     f"{buflen:#x}-byte buffer; nothing was mapped")
-        err = ffi.new("int *")
-        if self.is_iommufd:
-            flags = lib.IOMMU_IOAS_MAP_FIXED_IOVA | (lib.IOMMU_IOAS_MAP_READABLE if readable else 0) \
-                | (lib.IOMMU_IOAS_MAP_WRITEABLE if writeable else 0)
-            ioas = self.ioas_id
-            assert ioas is not None  # iommufd mode always has one
-            done = lib.pvl_ioas_map_many(self.fileno(), ioas, flags, n, base, cols[0], cols[1], cols[2], err)
-            operation = "IOMMU_IOAS_MAP"
-        else:
-            flags = (lib.VFIO_DMA_MAP_FLAG_READ if readable else 0) | (lib.VFIO_DMA_MAP_FLAG_WRITE if writeable else 0)
-            done = lib.pvl_type1_map_many(self.fileno(), flags, n, base, cols[0], cols[1], cols[2], err)
-            operation = "VFIO_IOMMU_MAP_DMA"
+        done, err, operation = self._map_in_c(base, buflen, cols, n, readable, writeable)
         run = MappingRun(self, base, keep, cols, done)
         if done:
             self.runs.append(run)
             if isinstance(buffer, DmaBuffer):
                 buffer.mapped_by.add(id(self))
         if done < n:
-            exc = error_for(err[0], operation, f"{self.target} piece {done} of {n} (iova {cols[1][done]:#x} size "
+            exc = error_for(err, operation, f"{self.target} piece {done} of {n} (iova {cols[1][done]:#x} size "
                                                f"{cols[2][done]:#x}); "
                                                + (f"pieces 0-{done - 1} are mapped, as the error's run" if done
                                                   else "nothing was mapped"))
@@ -745,15 +732,7 @@ class Iommu:
                                   f"{run!r} is not a mapping run of this Iommu (or is unmapped already)")
         n = len(run)
         out = ffi.new("uint64_t[]", n or 1)
-        err = ffi.new("int *")
-        if self.is_iommufd:
-            ioas = self.ioas_id
-            assert ioas is not None  # iommufd mode always has one
-            done = lib.pvl_ioas_unmap_many(self.fileno(), ioas, n, run._iovas, run._sizes, out, err)
-            operation = "IOMMU_IOAS_UNMAP"
-        else:
-            done = lib.pvl_type1_unmap_many(self.fileno(), n, run._iovas, run._sizes, out, err)
-            operation = "VFIO_IOMMU_UNMAP_DMA"
+        done, err, operation = self._unmap_in_c(n, run._iovas, run._sizes, out)
         total = _speedups.sum_u64(_address(out), done)  # no Python int per piece
         if done == n:
             run._n = 0
@@ -761,9 +740,9 @@ class Iommu:
             return total
         first = (run.iovas[done], run.sizes[done])
         run._drop_first(done)
-        exc = error_for(err[0], operation, f"{self.target} run piece {done} of {n} (iova {first[0]:#x} size "
-                                           f"{first[1]:#x}); the pieces before it are unmapped",
-                        "nothing is mapped in that IOVA range" if err[0] == errno.ENOENT else "")
+        exc = error_for(err, operation, f"{self.target} run piece {done} of {n} (iova {first[0]:#x} size "
+                                        f"{first[1]:#x}); the pieces before it are unmapped",
+                        "nothing is mapped in that IOVA range" if err == errno.ENOENT else "")
         exc.index = done
         raise exc
 
