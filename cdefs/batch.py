@@ -13,14 +13,12 @@ beyond what they need to stay in bounds.
   with ENOENT, as iommufd does);
 - ``pvl_luo_preserve_many`` / ``pvl_luo_retrieve_many``: LIVEUPDATE_SESSION_PRESERVE_FD /
   RETRIEVE_FD;
-- ``pvl_mmio_read_block`` / ``pvl_mmio_write_block``: one volatile access of exactly
-  ``width`` bytes per offset;
-- ``pvl_mmio_poll``: read a register until ``(value & mask) == want`` or a CLOCK_MONOTONIC
-  deadline passes (the GIL is released for the whole wait).
+- ``pvl_check_pieces`` / ``pvl_values_fit`` / ``pvl_mmio_check_block``: the checks made
+  before a batch (the MMIO block loops themselves are in ``cdefs/speedups.c``: no cffi
+  call, so no GIL round trip per block).
 """
 
 SOURCE = r"""
-#include <time.h>
 
 static size_t pvl_ioas_map_many(int fd, uint32_t ioas_id, uint32_t flags, size_t n,
                                 uint64_t base, const uint64_t *offset, const uint64_t *iova,
@@ -153,31 +151,7 @@ static size_t pvl_luo_retrieve_many(int session_fd, size_t n, const uint64_t *to
     return n;
 }
 
-static void pvl_mmio_read_block(void *base, unsigned int width, size_t n, const uint64_t *offsets,
-                                uint64_t *out)
-{
-    volatile char *b = (volatile char *)base;
-    size_t i;
-    switch (width) {
-    case 1: for (i = 0; i < n; i++) out[i] = *(volatile uint8_t *)(b + offsets[i]); break;
-    case 2: for (i = 0; i < n; i++) out[i] = *(volatile uint16_t *)(b + offsets[i]); break;
-    case 4: for (i = 0; i < n; i++) out[i] = *(volatile uint32_t *)(b + offsets[i]); break;
-    case 8: for (i = 0; i < n; i++) out[i] = *(volatile uint64_t *)(b + offsets[i]); break;
-    }
-}
 
-static void pvl_mmio_write_block(void *base, unsigned int width, size_t n, const uint64_t *offsets,
-                                 const uint64_t *values)
-{
-    volatile char *b = (volatile char *)base;
-    size_t i;
-    switch (width) {
-    case 1: for (i = 0; i < n; i++) *(volatile uint8_t *)(b + offsets[i]) = (uint8_t)values[i]; break;
-    case 2: for (i = 0; i < n; i++) *(volatile uint16_t *)(b + offsets[i]) = (uint16_t)values[i]; break;
-    case 4: for (i = 0; i < n; i++) *(volatile uint32_t *)(b + offsets[i]) = (uint32_t)values[i]; break;
-    case 8: for (i = 0; i < n; i++) *(volatile uint64_t *)(b + offsets[i]) = values[i]; break;
-    }
-}
 
 /* Checks DMA pieces (offset into a buffer of buflen bytes at base, iova, size) before any
    is mapped: the index of the first piece that is empty, not page-aligned (address, IOVA or
@@ -218,42 +192,7 @@ static size_t pvl_mmio_check_block(uint64_t size, unsigned int width, size_t n, 
     return n;
 }
 
-static uint64_t pvl_mmio_read(volatile char *b, unsigned int width, uint64_t off)
-{
-    switch (width) {
-    case 1: return *(volatile uint8_t *)(b + off);
-    case 2: return *(volatile uint16_t *)(b + off);
-    case 4: return *(volatile uint32_t *)(b + off);
-    default: return *(volatile uint64_t *)(b + off);
-    }
-}
 
-/* 0 when (value & mask) == want before the deadline (timeout_ns from now), -ETIMEDOUT
-   otherwise; *last is the last value read, *reads how many reads it took. */
-static int pvl_mmio_poll(void *base, unsigned int width, uint64_t off, uint64_t mask, uint64_t want,
-                         int64_t timeout_ns, uint64_t *last, uint64_t *reads)
-{
-    struct timespec now;
-    int64_t deadline;
-    uint64_t v, count = 0;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    deadline = (int64_t)now.tv_sec * 1000000000LL + now.tv_nsec + timeout_ns;
-    for (;;) {
-        v = pvl_mmio_read((volatile char *)base, width, off);
-        count++;
-        if ((v & mask) == want) {
-            *last = v;
-            *reads = count;
-            return 0;
-        }
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        if ((int64_t)now.tv_sec * 1000000000LL + now.tv_nsec >= deadline) {
-            *last = v;
-            *reads = count;
-            return -ETIMEDOUT;
-        }
-    }
-}
 """
 
 CDEF = """
@@ -268,13 +207,8 @@ size_t pvl_type1_unmap_many(int fd, size_t n, const uint64_t *iova, const uint64
                             int *err);
 size_t pvl_luo_preserve_many(int session_fd, size_t n, const int32_t *fds, const uint64_t *tokens, int *err);
 size_t pvl_luo_retrieve_many(int session_fd, size_t n, const uint64_t *tokens, int32_t *fds, int *err);
-void pvl_mmio_read_block(void *base, unsigned int width, size_t n, const uint64_t *offsets, uint64_t *out);
-void pvl_mmio_write_block(void *base, unsigned int width, size_t n, const uint64_t *offsets,
-                          const uint64_t *values);
 size_t pvl_check_pieces(uint64_t base, uint64_t buflen, uint64_t page, size_t n, const uint64_t *offset,
                         const uint64_t *iova, const uint64_t *size);
 size_t pvl_values_fit(unsigned int width, size_t n, const uint64_t *values);
 size_t pvl_mmio_check_block(uint64_t size, unsigned int width, size_t n, const uint64_t *offsets);
-int pvl_mmio_poll(void *base, unsigned int width, uint64_t off, uint64_t mask, uint64_t want,
-                  int64_t timeout_ns, uint64_t *last, uint64_t *reads);
 """

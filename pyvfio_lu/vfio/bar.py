@@ -148,14 +148,14 @@ class Bar:
             if dest is None or len(out) < n:
                 raise BadArgumentType(errno.EINVAL, what, self.device.name,
                                       f"out must be a writable array('Q') (native uint64) of at least {n} items")
-        if self._ptr is None:  # not mapped in one piece: the general path, one by one
+        if self._window is None:  # not mapped in one piece: the general path, one by one
             got = [self.read(int(o), width) for o in ffi.unpack(arr, n)]
             if dest is None:
                 return got
             for i, v in enumerate(got):
                 dest[i] = v
             return out
-        base = self._window.base if self._window else 0
+        base = self._window.base
         if dest is not None:
             _speedups.read_block(base, width, n, _address(arr), _address(dest))
             return out
@@ -180,15 +180,16 @@ class Bar:
             vals = _u64_array(values, "value", what, self.device.name)
         elif len(values) != n:
             raise InvalidArgument(errno.EINVAL, what, self.device.name, f"{n} offsets but {len(values)} values")
-        i = lib.pvl_values_fit(width, n, vals)
+        if self._window is not None:  # the values are checked in C, before the first store
+            i = _speedups.write_block(self._window.base, width, n, _address(arr), _address(vals))
+        else:
+            i = lib.pvl_values_fit(width, n, vals)
         if i < n:
             raise ArgumentOutOfRange(errno.EINVAL, what, self.device.name,
                                      f"value {values[i]:#x} (item {i}) does not fit {width} bytes; nothing was written")
-        if self._ptr is None:
+        if self._window is None:  # not mapped in one piece: the general path, one by one
             for o, v in zip(ffi.unpack(arr, n), values):
                 self.write(int(o), v, width)
-            return
-        _speedups.write_block(self._window.base if self._window else 0, width, n, _address(arr), _address(vals))
 
     def poll(self, offset: int, mask: int, value: int, timeout: float, width: int = 4) -> int:
         """Read the register at ``offset`` until ``register & mask == value`` or ``timeout``
