@@ -611,15 +611,17 @@ def blackout_run(prep: dict[str, Any], binary: Path) -> dict[str, Any]:
     and cffi on PYTHONPATH) and C, in alternating order, then the floors (``python -S -c
     pass`` and ``/bin/true``). The devices are bound to vfio-pci first, untimed: after a
     kexec the host does that at boot, before any VMM starts."""
-    import _cffi_backend
-
     from pyvfio_lu.sysfs import PciDevice
+
+    from . import imports
 
     for p in prep["plan"]:
         if p["bdf"]:
             PciDevice(p["bdf"]).bind_vfio()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                        os.path.dirname(_cffi_backend.__file__)]))
+    env = dict(os.environ, PYTHONPATH=imports.search_path(os.environ.get(PYTHONPATH_ENV)))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    # untimed: the bytecode caches written, as an installed package has them
+    _spawn_timed([sys.executable, "-S", "-c", "import pyvfio_lu.luo, pyvfio_lu.vfio"], env)
     script = str(Path(__file__).resolve().parent / "blackout.py")
     out: dict[str, Any] = {"python": [], "c": [], "python_floor": [], "c_floor": [], "device": prep["device"]}
     plan = sorted(prep["plan"], key=lambda p: (p["k"], p["side"] != BLACKOUT_SIDES[p["k"] % 2]))

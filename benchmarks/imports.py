@@ -1,4 +1,11 @@
-"""Cold-import cost: ``python -X importtime -c "import X"`` in fresh processes, best of N.
+"""Cold-import cost: ``python -S -X importtime -c "import X"`` in fresh processes, best of N.
+
+As a deployed VMM starts (and as the blackout benchmark runs it): without ``site``, the
+package and cffi found through PYTHONPATH. With ``site``, this project's virtualenv would
+first run its editable-install finder (a ``.pth`` file importing ``pathlib``, ``re``,
+``enum``, ``collections`` and more), which no installed package has and which would hide the
+cost of any of those the library imports; without it, what the statement imports is all
+counted, ``os`` included (which ``site`` would otherwise have imported).
 
 Each process times the import statement itself (perf_counter_ns around it) and reports
 ``-X importtime``'s cumulative microseconds of the top-level entries the statement caused;
@@ -14,6 +21,7 @@ import re
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
@@ -54,21 +62,27 @@ def parse_importtime(stderr: str) -> tuple[int, list[tuple[str, int, int, str]]]
     return total, entries
 
 
+def search_path(pythonpath: str | None = None) -> str:
+    """PYTHONPATH for a process without ``site``: ``pythonpath`` (another pyvfio_lu tree) or
+    this checkout's, then cffi's directory (its backend is all the library needs from there)."""
+    import _cffi_backend
+
+    root = pythonpath or str(Path(__file__).resolve().parents[1])
+    return os.pathsep.join([root, os.path.dirname(_cffi_backend.__file__)])
+
+
 def measure(module: str, n: int, python: str | None = None, pythonpath: str | None = None,
             pycache_prefix: str = "/tmp/pyvfio-lu-bench-pycache") -> dict[str, Any]:
     """Import ``module`` in ``n`` fresh interpreters (after one warm-up); wall and importtime figures in ns."""
-    env = dict(os.environ, PYTHONPYCACHEPREFIX=pycache_prefix)
-    for var in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE"):
-        env.pop(var, None)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=pycache_prefix, PYTHONPATH=search_path(pythonpath))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     walls: list[int]
     cums: list[int]
     best_entries: list[tuple[str, int, int, str]]
     warmup_ns: int | None
     walls, cums, best_entries, warmup_ns = [], [], [], None
     for i in range(n + 1):
-        proc = subprocess.run([python or sys.executable, "-X", "importtime", "-c", _code(module)],
+        proc = subprocess.run([python or sys.executable, "-S", "-X", "importtime", "-c", _code(module)],
                               check=False, capture_output=True, text=True, env=env, cwd="/")
         if proc.returncode != 0:
             raise RuntimeError(f"import {module} failed: {proc.stderr[-2000:]}")

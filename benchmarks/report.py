@@ -484,8 +484,9 @@ def markdown(results: dict[str, Any]) -> str:
         "in rotating order before the kexec and retrieved in the same order after it, each of "
         f"{cfg.get('lu_files', '?')} memfds of 4 KiB holding `file-data-<i>` (as the kernel's "
         "`luo_stress_files` selftest); the time spans opening /dev/liveupdate to the last close, not the holder "
-        "process. Imports: `python -X importtime -c 'import X'` in fresh processes after one warm-up that writes "
-        "the bytecode cache (as an installed package has it).",
+        "process. Imports: `python -S -X importtime -c 'import X'` (no site, the package and cffi on PYTHONPATH, "
+        "as a deployed VMM starts) in fresh processes after one warm-up that writes the bytecode cache (as an "
+        "installed package has it).",
         "",
         *blackout_markdown(results),
         *rss_markdown(results),

@@ -12,8 +12,6 @@ The public API, imported lazily so ``import pyvfio_lu`` stays cheap:
 
 from __future__ import annotations
 
-import importlib
-
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers (nothing is imported at run time)
@@ -49,7 +47,7 @@ def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'pyvfio_lu' has no attribute {name!r}")
-    mod = importlib.import_module(module)
+    mod = __import__(module, fromlist=["_"])  # the submodule itself (importlib's import costs more than it saves)
     value = mod if module.rsplit(".", 1)[1] == name else getattr(mod, name)
     globals()[name] = value
     return value

@@ -9,15 +9,14 @@ and turns a failure into the named exception from :mod:`pyvfio_lu.errors`.
 
 from __future__ import annotations
 
-import enum
 import errno
 import os
 import struct
 import sys
-from collections import namedtuple
 
 from . import _speedups
 from ._cffi import ffi, lib
+from ._record import record
 from .errors import ArgumentOutOfRange, BadArgumentType, PyvfioError, WrongFdKind, error_for
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
@@ -27,20 +26,59 @@ if TYPE_CHECKING:
     from typing import Any, NamedTuple
 
 
-class FdKind(enum.Enum):
-    LUO_DEVICE = "/dev/liveupdate"
-    LUO_SESSION = "LUO session"
-    VFIO_CONTAINER = "VFIO container"
-    VFIO_GROUP = "VFIO group"
-    VFIO_DEVICE = "VFIO device"
-    IOMMUFD = "iommufd"
+class _Constant:
+    """One of a few named constants (like an ``enum.Enum`` member, compared by identity;
+    not one, because enum's import costs a VMM restarted after a kexec tens of ms under
+    an emulated CPU): ``name`` is its attribute name, ``value`` how messages say it."""
+
+    __slots__ = ("name", "value")
+
+    def __init__(self, name: str, value: str):
+        self.name, self.value = name, value
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}.{self.name}: {self.value!r}>"
+
+    def __reduce__(self) -> tuple[object, ...]:  # pickled as a reference to the one member
+        return getattr, (type(self), self.name)
+
+    @classmethod
+    def _define(cls, **members: str) -> tuple[Any, ...]:
+        made = tuple(cls(name, value) for name, value in members.items())
+        for member in made:
+            setattr(cls, member.name, member)
+        return made
 
 
-class Arg(enum.Enum):
-    NONE = "no argument"
-    VALUE = "integer value"
-    INT_PTR = "pointer to int"
-    STRING = "pointer to a NUL-terminated string"
+class FdKind(_Constant):
+    """What an fd is, as far as ioctls go: each request is valid on one kind."""
+
+    __slots__ = ()
+    LUO_DEVICE: FdKind
+    LUO_SESSION: FdKind
+    VFIO_CONTAINER: FdKind
+    VFIO_GROUP: FdKind
+    VFIO_DEVICE: FdKind
+    IOMMUFD: FdKind
+
+
+FD_KINDS: tuple[FdKind, ...] = FdKind._define(
+    LUO_DEVICE="/dev/liveupdate", LUO_SESSION="LUO session", VFIO_CONTAINER="VFIO container",
+    VFIO_GROUP="VFIO group", VFIO_DEVICE="VFIO device", IOMMUFD="iommufd")
+
+
+class Arg(_Constant):
+    """An ioctl argument that is not a struct."""
+
+    __slots__ = ()
+    NONE: Arg
+    VALUE: Arg
+    INT_PTR: Arg
+    STRING: Arg
+
+
+Arg._define(NONE="no argument", VALUE="integer value", INT_PTR="pointer to int",
+            STRING="pointer to a NUL-terminated string")
 
 
 if TYPE_CHECKING:
@@ -50,7 +88,7 @@ if TYPE_CHECKING:
         arg: str | Arg
         size_field: str | None
 else:
-    _RequestFields = namedtuple("Request", "name number arg size_field")
+    _RequestFields = record("Request", "name number arg size_field", module=__name__)
 
 
 class Request(_RequestFields):
@@ -118,7 +156,7 @@ def _size_field(struct: str) -> str:
     return "argsz" if "argsz" in fields else "size"
 
 
-REQUESTS: dict[FdKind, dict[str, Request]] = {kind: {} for kind in FdKind}
+REQUESTS: dict[FdKind, dict[str, Request]] = {kind: {} for kind in FD_KINDS}
 for _name, _kinds, _arg in _TABLE:
     _req = Request(
         _name,

@@ -20,15 +20,13 @@ keeps a reference to every buffer it maps until it is unmapped, and unmaps every
 from __future__ import annotations
 
 import errno
-import mmap as _mmap
 import os
-from collections import deque, namedtuple
-from functools import partial
+from _operator import is_, itemgetter
 from itertools import repeat
-from operator import is_, itemgetter
 
 from . import _speedups
 from ._cffi import ffi, lib
+from ._record import record
 from .errors import (
     ArgumentOutOfRange,
     BadArgumentType,
@@ -48,12 +46,17 @@ from .ioctl import FdKind, call, layout, rw
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:
+    from collections import deque
+    from functools import partial
     from typing import Any, NamedTuple, TypedDict
 
     from typing_extensions import Buffer, Self  # typing.Self from 3.11, Buffer from 3.12; type checkers ship this stub
+else:  # functools.partial and collections.deque themselves, without those modules' own imports
+    from _collections import deque
+    from _functools import partial
 
 MODES = ("iommufd", "vfio_type1_iommu", "vfio_type1v2_iommu", "iommufd_compat_type1", "iommufd_compat_type1v2")
-PAGE = _mmap.PAGESIZE
+PAGE = os.sysconf("SC_PAGE_SIZE")  # mmap.PAGESIZE, without importing mmap on the way to a first DMA
 U64_MAX = 2**64 - 1
 _PAGE_MASK = PAGE - 1
 _TYPE = {"vfio_type1_iommu": "VFIO_TYPE1_IOMMU", "vfio_type1v2_iommu": "VFIO_TYPE1v2_IOMMU",
@@ -65,7 +68,7 @@ if TYPE_CHECKING:
         start: int
         last: int
 else:
-    _IovaRangeFields = namedtuple("IovaRange", "start last")
+    _IovaRangeFields = record("IovaRange", "start last", module=__name__)
 
 
 class IovaRange(_IovaRangeFields):
@@ -90,6 +93,8 @@ class DmaBuffer:
         check_int(offset, "offset", 0, 2**63 - 1, "DmaBuffer", "")
         if size <= 0 or size % PAGE:
             raise InvalidArgument(errno.EINVAL, "DmaBuffer", f"{size} bytes", f"size must be a positive multiple of {PAGE}")
+        import mmap as _mmap
+
         flags = _mmap.MAP_SHARED | (0 if file is not None else _mmap.MAP_ANONYMOUS)
         err = ffi.new("int *")
         fd = fileno_of(file) if file is not None else -1
@@ -169,7 +174,7 @@ if TYPE_CHECKING:
         vaddr: int | None
         keepalive: Any = None
 else:
-    _MappingFields = namedtuple("Mapping", "iova size vaddr keepalive", defaults=(None,))
+    _MappingFields = record("Mapping", "iova size vaddr keepalive", defaults=(None,), module=__name__)
 
 
 class Mapping(_MappingFields):

@@ -26,7 +26,7 @@ import errno
 import os
 import warnings
 
-from . import _speedups, procfs
+from . import _speedups
 from ._cffi import ffi, lib
 from .errors import (
     AlreadyPreserved,
@@ -61,6 +61,8 @@ if TYPE_CHECKING:
     from typing import Any
 
     from typing_extensions import Self  # typing.Self from 3.11; type checkers ship this stub
+
+    from . import procfs
 
 DEVICE_PATH = "/dev/liveupdate"
 NAME_MAX = 63  # LIVEUPDATE_SESSION_NAME_LENGTH - 1
@@ -142,6 +144,8 @@ class LiveUpdate:
     def _open_error(self, exc: OSError) -> PyvfioError:
         err = exc.errno or 0
         if err == errno.EBUSY:
+            from . import procfs  # on this failure only: not on the import path
+
             held = procfs.liveupdate_holders()
             who = ", ".join(f"pid {h.pid} ({h.comm})" for h in held) or "a process this user cannot see"
             return LiveUpdateBusy(err, "open /dev/liveupdate", self.path,
@@ -478,6 +482,8 @@ def _describe(fd: int) -> str:
 
 def sessions_held(proc: str = "/proc") -> Iterator[tuple[str, procfs.FdHolder]]:
     """(session name, holder) for every session fd open in any process visible here."""
+    from . import procfs
+
     for name, hs in procfs.session_holders(proc).items():
         for h in hs:
             yield name, h

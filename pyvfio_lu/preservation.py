@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import errno
 import os
-from collections import namedtuple
 
+from ._record import record
 from .errors import check_text, error_for
 from .fd import fileno_of
 
@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # the same record, typed (a typing.NamedTuple costs typing's 
         source: str
         detail: str
 else:
-    Support = namedtuple("Support", "supported source detail")
+    Support = record("Support", "supported source detail", module=__name__)
     Support.__doc__ = ("Whether the running kernel can preserve VFIO device files: ``supported`` True, "
                        "False or None (unknown), ``source`` where that came from, ``detail`` in words.")
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections import namedtuple
+
+from ._record import record
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
@@ -23,7 +24,7 @@ if TYPE_CHECKING:  # the same record, typed (a typing.NamedTuple costs typing's 
         link: str
         comm: str
 else:
-    FdHolder = namedtuple("FdHolder", "pid fd link comm")
+    FdHolder = record("FdHolder", "pid fd link comm", module=__name__)
     FdHolder.__doc__ = "One open fd of one process: pid, fd number, its /proc link text, the process name."
 
 

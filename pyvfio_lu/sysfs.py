@@ -14,20 +14,20 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import time
-from collections import namedtuple
 
+from ._record import record
 from .errors import GroupNotViable, NotFound, PyvfioError, error_for
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:
+    import re
     from typing import Any, NamedTuple
 
 BDF_MAX_INPUT = 32  # longer input is rejected before any matching
-_BDF = re.compile(r"(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])")
-_DRIVER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}")
+_BDF = r"(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])"
+_DRIVER = r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}"
 VFIO_DRIVER = "vfio-pci"
 #: Drivers that leave the device's DMA to the owner of the IOMMU group (the kernel's
 #: ``driver_managed_dma``): a group whose other members sit on one of these (or on no
@@ -52,6 +52,12 @@ class InvalidDriverName(PyvfioError, ValueError):
     default_reason = "a driver name is 1-64 characters from [A-Za-z0-9_.+-], not starting with '.' or '-'"
 
 
+def _fullmatch(pattern: str, text: str) -> re.Match[str] | None:
+    import re  # on first use: not on the import path of a VMM restarted after a kexec (re's cache keeps the compiled pattern)
+
+    return re.fullmatch(pattern, text)
+
+
 def parse_bdf(text: str) -> str:
     """The canonical ``dddd:bb:dd.f`` form of ``text``; InvalidBdf for anything else.
 
@@ -64,7 +70,7 @@ def parse_bdf(text: str) -> str:
     if len(text) > BDF_MAX_INPUT:
         raise InvalidBdf(errno.EINVAL, "parse BDF", repr(text[:BDF_MAX_INPUT]) + "...",
                          f"a PCI address is at most {BDF_MAX_INPUT} characters; got {len(text)}")
-    m = _BDF.fullmatch(text.strip(" \t\r\n"))
+    m = _fullmatch(_BDF, text.strip(" \t\r\n"))
     if not m:
         raise InvalidBdf(errno.EINVAL, "parse BDF", repr(text))
     domain, bus, dev, fn = m.groups()
@@ -73,7 +79,7 @@ def parse_bdf(text: str) -> str:
 
 def check_driver_name(name: str) -> str:
     """``name`` if it is a plausible driver name (so it can be part of a sysfs path)."""
-    if not isinstance(name, str) or not _DRIVER.fullmatch(name):
+    if not isinstance(name, str) or not _fullmatch(_DRIVER, name):
         raise InvalidDriverName(errno.EINVAL, "driver name", repr(name)[:80])
     return name
 
@@ -97,7 +103,7 @@ if TYPE_CHECKING:  # the same record, typed (a typing.NamedTuple costs typing's 
         bdf: str
         driver: str | None
 else:
-    GroupMember = namedtuple("GroupMember", "bdf driver")
+    GroupMember = record("GroupMember", "bdf driver", module=__name__)
     GroupMember.__doc__ = "A device in an IOMMU group: its PCI address (or another bus's name) and driver (or None)."
 
 

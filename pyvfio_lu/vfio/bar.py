@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-from functools import partial
 
 from .. import _speedups
 from .._cffi import ffi, lib
@@ -14,7 +13,10 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type che
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from functools import partial
     from typing import Any
+else:  # functools.partial itself, without functools' own imports (collections and more)
+    from _functools import partial
 
 U64_MAX = 2**64 - 1
 

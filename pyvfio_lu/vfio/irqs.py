@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 
 from .._cffi import lib
 from ..errors import InvalidArgument, check_int
@@ -31,6 +30,8 @@ class EventFd(OwnedFd):
 
     def wait(self, timeout: float | None = None) -> int:
         """Block until the eventfd fires (or ``timeout`` s pass: TimeoutError); returns the count."""
+        import select
+
         r, _, _ = select.select([self.fileno()], [], [], timeout)
         if not r:
             raise TimeoutError(f"{self.what}: no interrupt within {timeout} s")

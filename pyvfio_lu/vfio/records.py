@@ -3,9 +3,8 @@ records and their capability chains (each capability checked to fit its buffer).
 
 from __future__ import annotations
 
-from collections import namedtuple
-
 from .._cffi import ffi, lib
+from .._record import record
 from ..caps import cap_fits, cap_items, walk_caps_sized
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
@@ -50,12 +49,12 @@ if TYPE_CHECKING:  # the records' fields, typed (typing.NamedTuple would cost ty
         bus: int
         devfn: int
 else:
-    _CapabilityFields = namedtuple("Capability", "id version data")
-    _DeviceInfoFields = namedtuple("DeviceInfo", "flags num_regions num_irqs caps", defaults=((),))
-    SparseArea = namedtuple("SparseArea", "offset size")
-    _RegionInfoFields = namedtuple("RegionInfo", "index flags size offset caps", defaults=((),))
-    _IrqInfoFields = namedtuple("IrqInfo", "index flags count")
-    _HotResetDeviceFields = namedtuple("HotResetDevice", "id segment bus devfn")
+    _CapabilityFields = record("Capability", "id version data", module=__name__)
+    _DeviceInfoFields = record("DeviceInfo", "flags num_regions num_irqs caps", defaults=((),), module=__name__)
+    SparseArea = record("SparseArea", "offset size", module=__name__)
+    _RegionInfoFields = record("RegionInfo", "index flags size offset caps", defaults=((),), module=__name__)
+    _IrqInfoFields = record("IrqInfo", "index flags count", module=__name__)
+    _HotResetDeviceFields = record("HotResetDevice", "id segment bus devfn", module=__name__)
 
 
 class Capability(_CapabilityFields):
