@@ -447,14 +447,15 @@ def py_lu_retrieve(session_name: str, files: int) -> int:
 
 
 def py_lu_preserve_batch(session_name: str, files: int) -> tuple[int, Session]:
-    """py_lu_preserve through ``Session.preserve_many``: the memfds made, then one call."""
+    """py_lu_preserve in batches: the memfds made by ``Memfd.create_many``, preserved by
+    ``Session.preserve_many`` (one call each)."""
     from pyvfio_lu.luo import LiveUpdate
     from pyvfio_lu.memfd import Memfd
 
     t0 = ns()
     with LiveUpdate() as lu:
         session = lu.create_session(session_name)
-        memfds = [Memfd.create("bench", memfd_data(i), size=4096) for i in range(files)]
+        memfds = Memfd.create_many([memfd_data(i) for i in range(files)], "bench", size=4096)
         try:
             session.preserve_many([(m, i) for i, m in enumerate(memfds)])
         finally:
@@ -464,7 +465,7 @@ def py_lu_preserve_batch(session_name: str, files: int) -> tuple[int, Session]:
 
 
 def py_lu_retrieve_batch(session_name: str, files: int) -> int:
-    """py_lu_retrieve through ``Session.retrieve_many``: one call, then each memfd verified."""
+    """py_lu_retrieve in batches: ``Session.retrieve_many``, then ``Memfd.verify_many`` (one call each)."""
     from pyvfio_lu.luo import LiveUpdate
     from pyvfio_lu.memfd import Memfd
 
@@ -473,9 +474,12 @@ def py_lu_retrieve_batch(session_name: str, files: int) -> int:
     with LiveUpdate() as lu:
         session = lu.retrieve_session(session_name)
     with session:
-        for i, fd in enumerate(session.retrieve_many(range(files))):
-            with Memfd.adopt(fd) as m:
-                m.verify(expected[i])
+        fds = session.retrieve_many(range(files))
+        try:
+            Memfd.verify_many(fds, expected)
+        finally:
+            for fd in fds:
+                fd.close()
         session.finish()
     return ns() - t0
 

@@ -20,7 +20,10 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <stdlib.h>
 #include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <time.h>
 
 typedef PyObject *(*fastcall_fn)(PyObject *, PyObject *const *, Py_ssize_t);
@@ -642,6 +645,144 @@ static PyObject *sp_sum_u64(PyObject *self, PyObject *const *args, Py_ssize_t na
     return PyLong_FromUnsignedLongLong(total);
 }
 
+/* Writes longer than this release the GIL (a memfd of guest RAM can be gigabytes). */
+#define LONG_WRITE (1 << 20)
+
+/* pwrite all of data at offset 0: 0, or the errno */
+static int write_all(int fd, const char *data, Py_ssize_t len)
+{
+    Py_ssize_t at = 0;
+    while (at < len) {
+        ssize_t w = pwrite(fd, data + at, (size_t)(len - at), (off_t)at);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return w < 0 ? errno : EIO;
+        at += w;
+    }
+    return 0;
+}
+
+/* memfd_create_many(name, flags, size, contents) -> [fd, ...], or (-errno, index, step):
+   for each bytes object of the list ``contents`` a memfd made with memfd_create(name,
+   flags), sized with ftruncate(size) unless size is -1, and the bytes written at offset 0
+   (step 0, 1, 2: which of those failed). On failure every fd made here is closed again. */
+static PyObject *sp_memfd_create_many(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    long flags, size;
+    Py_ssize_t n, i, made = 0;
+    const char *name;
+    if (!nargs_is("memfd_create_many", nargs, 4) || long_of(args[1], &flags) || long_of(args[2], &size))
+        return NULL;
+    if (!PyBytes_Check(args[0]) || !PyList_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "memfd_create_many(bytes, int, int, list of bytes)");
+        return NULL;
+    }
+    name = PyBytes_AsString(args[0]);
+    n = PyList_Size(args[3]);
+    PyObject *out = PyList_New(n);
+    if (!name || !out)
+        goto fail_py;
+    for (i = 0; i < n; i++) {
+        PyObject *item = PyList_GetItem(args[3], i);
+        char *data;
+        Py_ssize_t len;
+        int step = 0, fd;
+        if (PyBytes_AsStringAndSize(item, &data, &len) < 0)
+            goto fail_py;
+        fd = (int)syscall(SYS_memfd_create, name, (unsigned int)flags);
+        if (fd < 0)
+            goto fail_os;
+        PyObject *num = PyLong_FromLong(fd);
+        if (!num) {
+            close(fd);
+            goto fail_py;
+        }
+        PyList_SetItem(out, i, num); /* steals num */
+        made = i + 1;
+        step = 1;
+        if (size >= 0 && ftruncate(fd, (off_t)size) < 0)
+            goto fail_os_step;
+        step = 2;
+        if (len > LONG_WRITE) { /* the GIL released; the list may change meanwhile: hold the bytes */
+            Py_INCREF(item);
+            PyThreadState *ts = PyEval_SaveThread();
+            errno = write_all(fd, data, len);
+            PyEval_RestoreThread(ts);
+            Py_DECREF(item);
+        } else
+            errno = write_all(fd, data, len);
+        if (errno)
+            goto fail_os_step;
+        continue;
+    fail_os_step:
+        {
+            int err = errno;
+            for (Py_ssize_t k = 0; k < made; k++)
+                close((int)PyLong_AsLong(PyList_GetItem(out, k)));
+            Py_DECREF(out);
+            return Py_BuildValue("(inn)", -err, i, (Py_ssize_t)step);
+        }
+    }
+    return out;
+fail_os:
+    {
+        int err = errno;
+        for (Py_ssize_t k = 0; k < made; k++)
+            close((int)PyLong_AsLong(PyList_GetItem(out, k)));
+        Py_DECREF(out);
+        return Py_BuildValue("(inn)", -err, i, (Py_ssize_t)0);
+    }
+fail_py:
+    if (out) {
+        for (Py_ssize_t k = 0; k < made; k++)
+            close((int)PyLong_AsLong(PyList_GetItem(out, k)));
+        Py_DECREF(out);
+    }
+    return NULL;
+}
+
+/* first_mismatch(fds, expected) -> the index of the first fd (a list of ints) whose
+   contents are not exactly the bytes at the same index of ``expected`` (one pread of one
+   byte more than expected; an fd that cannot be read counts as a mismatch), or -1. */
+static PyObject *sp_first_mismatch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t n, i, cap = 0;
+    char *buf = NULL;
+    if (!nargs_is("first_mismatch", nargs, 2))
+        return NULL;
+    if (!PyList_Check(args[0]) || !PyList_Check(args[1]) || PyList_Size(args[0]) != PyList_Size(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "first_mismatch(list of fds, list of bytes of the same length)");
+        return NULL;
+    }
+    n = PyList_Size(args[0]);
+    for (i = 0; i < n; i++) {
+        long fd;
+        char *want;
+        Py_ssize_t len;
+        ssize_t got;
+        if (fd_of(PyList_GetItem(args[0], i), &fd) || PyBytes_AsStringAndSize(PyList_GetItem(args[1], i), &want, &len) < 0) {
+            free(buf);
+            return NULL;
+        }
+        if (len + 1 > cap) {
+            char *grown = realloc(buf, (size_t)(len + 1));
+            if (!grown) {
+                free(buf);
+                return PyErr_NoMemory();
+            }
+            buf = grown, cap = len + 1;
+        }
+        do
+            got = fd < 0 ? -1 : pread((int)fd, buf, (size_t)(len + 1), 0);
+        while (got < 0 && errno == EINTR);
+        if (got != len || memcmp(buf, want, (size_t)len) != 0)
+            break;
+    }
+    free(buf);
+    return PyLong_FromSsize_t(i < n ? i : -1);
+}
+
 #define FAST(name, fn, doc) {name, (PyCFunction)(void (*)(void))(fastcall_fn)fn, METH_FASTCALL, doc}
 
 static PyMethodDef methods[] = {
@@ -656,6 +797,9 @@ static PyMethodDef methods[] = {
     FAST("first_overlap", sp_first_overlap, "first_overlap(iovas, sizes, n, iova, size) -> index or -1"),
     FAST("read_block", sp_read_block, "read_block(base, width, n, offsets, out)"),
     FAST("write_block", sp_write_block, "write_block(base, width, n, offsets, values) -> n, or the first value too wide"),
+    FAST("memfd_create_many", sp_memfd_create_many,
+         "memfd_create_many(name, flags, size, contents) -> [fd, ...], or (-errno, index, step)"),
+    FAST("first_mismatch", sp_first_mismatch, "first_mismatch(fds, expected) -> index of the first mismatch, or -1"),
     {NULL, NULL, 0, NULL},
 };
 

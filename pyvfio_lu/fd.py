@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import warnings
 
+from .errors import ArgumentOutOfRange, BadArgumentType
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:  # typing's runtime objects cost import time; annotations need none of them
@@ -28,8 +30,6 @@ else:
 
 def fileno_of(file: FileLike) -> int:
     """The fd number of an int or of any object with ``fileno()``; TypeError otherwise."""
-    from .errors import ArgumentOutOfRange, BadArgumentType
-
     if isinstance(file, bool):
         raise BadArgumentType(22, "fileno", "bool", "expected a file descriptor or an object with fileno(), got a bool")
     if isinstance(file, int):

@@ -345,8 +345,8 @@ class Session:
             exc.index = done
             raise exc
         self._retrieved.update(tokens)
-        name = self.name
-        return [OwnedFd(fd, f"file {t:#x} of session {name!r}") for fd, t in zip(fds, tokens)]
+        of_session = f" of session {self.name!r}"
+        return [OwnedFd(fd, f"file {t:#x}{of_session}") for fd, t in zip(fds, tokens)]
 
     def _note_preserved(self, file: FileLike, fd: int, token: int) -> None:
         """Record what was preserved under ``token``, for the ledger and PreservationLost."""

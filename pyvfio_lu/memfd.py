@@ -11,8 +11,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-from collections import namedtuple
 
+from . import _speedups
+from ._record import record
 from .errors import (
     ArgumentOutOfRange,
     BadArgumentType,
@@ -20,16 +21,20 @@ from .errors import (
     PyvfioError,
     check_bytes,
     check_int,
+    check_sequence,
     error_for,
 )
-from .fd import OwnedFd
+from .fd import OwnedFd, fileno_of
 
 OFF_MAX = 2**63 - 1  # off_t
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers treat it as True)
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from typing import Any
+
+    from .fd import FileLike
 
 SEALS = {
     "seal": fcntl.F_SEAL_SEAL,
@@ -38,6 +43,19 @@ SEALS = {
     "write": fcntl.F_SEAL_WRITE,
     "future_write": getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010),
 }
+
+
+def _check_name(name: object) -> None:
+    if not isinstance(name, str) or "\0" in name or len(name.encode(errors="surrogateescape")) > 249:
+        raise BadArgumentType(errno.EINVAL, "memfd_create", repr(name)[:80],
+                              "a memfd name is a str of at most 249 bytes with no NUL")
+
+
+def _bytes_of(data: object, index: int, operation: str, target: str) -> bytes:
+    """Item ``index`` of a batch as bytes (copied from a bytearray or memoryview)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise BadArgumentType(errno.EINVAL, operation, target, f"item {index} must be bytes, not {type(data).__name__}")
+    return bytes(data)
 
 
 class ContentMismatch(PyvfioError, ValueError):
@@ -53,12 +71,12 @@ if TYPE_CHECKING:  # the fields, typed (typing.NamedTuple would cost typing's im
         seals: int
         sha256: str
 else:
-    _MemfdStateFields = namedtuple("MemfdState", "size position seals sha256")
+    _MemfdStateFields = record("MemfdState", "size position seals sha256", module=__name__)
 
 
 class MemfdState(_MemfdStateFields):
     """What :meth:`Memfd.state` captures: size, file position, seals and the SHA-256 of the
-    contents (a namedtuple: ``dataclasses`` would cost the import several milliseconds)."""
+    contents (a record, a named tuple: ``dataclasses`` would cost the import several milliseconds)."""
 
     __slots__ = ()
 
@@ -78,9 +96,7 @@ class Memfd(OwnedFd):
         """A new memfd (``MFD_CLOEXEC``, ``MFD_ALLOW_SEALING``) holding ``data``, ``size`` bytes long.
 
         Wrong types and sizes are BadArgumentType / ArgumentOutOfRange, before anything is created."""
-        if not isinstance(name, str) or "\0" in name or len(name.encode(errors="surrogateescape")) > 249:
-            raise BadArgumentType(errno.EINVAL, "memfd_create", repr(name)[:80],
-                                  "a memfd name is a str of at most 249 bytes with no NUL")
+        _check_name(name)
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise BadArgumentType(errno.EINVAL, "memfd_create", repr(name),
                                   f"data must be bytes, not {type(data).__name__}")
@@ -106,10 +122,75 @@ class Memfd(OwnedFd):
             raise
         return self
 
+    @classmethod
+    def create_many(cls, contents: Sequence[bytes | bytearray | memoryview], name: str = "pyvfio-lu",
+                    size: int | None = None, sealing: bool = True) -> list[Memfd]:
+        """One memfd per item of ``contents``, each made as :meth:`create` makes one (``name``,
+        ``size`` and ``sealing`` shared by all), the loop in C: one call for the lot.
+
+        Everything is checked first (BadArgumentType naming the item). When the kernel
+        refuses item ``i`` (EMFILE, ENOSPC...), every memfd this call made is closed again
+        and the error, the one :meth:`create` would raise, carries ``index`` (i): nothing
+        is left behind."""
+        _check_name(name)
+        items = check_sequence(contents, "contents", "memfd_create", repr(name))
+        datas = [d if type(d) is bytes else _bytes_of(d, i, "memfd_create", repr(name)) for i, d in enumerate(items)]
+        if size is not None:
+            check_int(size, "size", 0, 2**63 - 1, "memfd_create", repr(name))
+        flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealing else 0)
+        got = _speedups.memfd_create_many(os.fsencode(name), flags, -1 if size is None else size, datas)
+        if type(got) is tuple:
+            err, i, step = got
+            where = f"memfd {name!r} (item {i} of {len(datas)}; none of them was kept)"
+            exc = error_for(-err, ("memfd_create", "ftruncate", "write")[step], where,
+                            f"cannot size it to {size} bytes" if step == 1 else "")
+            exc.index = i
+            raise exc
+        what, made = f"memfd {name!r}", []
+        try:
+            for fd in got:
+                m = cls(fd, what)
+                m._name = name
+                made.append(m)
+        except BaseException:  # no memfd of this call outlives it
+            for m in made:
+                m.close()
+            for fd in got[len(made):]:
+                os.close(fd)
+            raise
+        return made
+
+    @staticmethod
+    def verify_many(files: Sequence[FileLike], expected: Sequence[bytes | bytearray | memoryview]) -> None:
+        """ContentMismatch unless every one of ``files`` (memfds, the OwnedFds that
+        ``Session.retrieve_many`` returns, or fds) holds exactly the bytes at the same index
+        of ``expected``: the reads and comparisons in C, one call. The error is the one
+        :meth:`verify` raises for the first file that differs, with ``index`` set."""
+        files = check_sequence(files, "files", "verify")
+        want = check_sequence(expected, "expected", "verify")
+        if len(files) != len(want):
+            raise BadArgumentType(errno.EINVAL, "verify", f"{len(files)} files",
+                                  f"expected holds {len(want)} contents, one per file is needed")
+        fds = [fileno_of(f) for f in files]
+        want = [w if type(w) is bytes else _bytes_of(w, i, "verify", "expected") for i, w in enumerate(want)]
+        i = _speedups.first_mismatch(fds, want)
+        if i < 0:
+            return
+        what = getattr(files[i], "what", None)
+        borrowed = Memfd(fds[i], what if isinstance(what, str) else f"file {i}", owned=False)
+        try:
+            borrowed.verify(want[i])
+            exc: PyvfioError = ContentMismatch(errno.EIO, "verify", borrowed.what,
+                                               "contents differed, then matched (changed meanwhile)")
+        except PyvfioError as raised:
+            exc = raised
+        exc.index = i
+        raise exc
+
     def ledger_record(self) -> dict[str, Any]:
         """What the live-update ledger says of this memfd: its name, size and inode (the
         IOVAs it is mapped at are looked up by inode when the ledger is written)."""
-        st = os.fstat(self.fileno())
+        st = os.fstat(self._fd if self._fd >= 0 else self.fileno())  # fileno() names a closed memfd
         name: str | None = getattr(self, "_name", None)
         if name is None:  # adopted: the kernel knows the name it was created with
             try:

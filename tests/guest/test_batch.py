@@ -12,7 +12,7 @@ import pytest
 
 from pyvfio_lu import edu, errors
 from pyvfio_lu.iommu import MODES, PAGE, DmaBuffer
-from pyvfio_lu.memfd import Memfd
+from pyvfio_lu.memfd import ContentMismatch, Memfd
 from pyvfio_lu.sysfs import PciDevice
 from pyvfio_lu.vfio import VfioDevice
 
@@ -282,6 +282,7 @@ def test_lean_map_unmap_and_queries_name_their_failures(dev):
 # --- LUO: many files in one call, across the kexec ---------------------------------------------
 class TestPreserveManyRetrieveMany:
     N = 300
+    MADE = 1000  # the tokens of the memfds made by create_many (N + 5 stays unused)
 
     @pytest.mark.before_kexec
     def test_before(self, luo, carry):
@@ -304,6 +305,17 @@ class TestPreserveManyRetrieveMany:
             assert sorted(s.preserved) == [0, 1]
             s.preserve_many((m, t) for t, m in enumerate(memfds) if t >= 2)
             assert sorted(s.preserved) == list(range(self.N))
+            # memfds made in one call are preserved and recorded as those made one by one
+            made = Memfd.create_many([f"made-{i}".encode() for i in range(self.N)], "batch-made", size=8192)
+            try:
+                s.preserve_many((m, self.MADE + t) for t, m in enumerate(made))
+                rec = dict(made[1].ledger_record(), iovas=[])
+                del rec["inode"]
+                assert s.records()[f"{self.MADE + 1:#x}"] == rec == {"kind": "memfd", "name": "batch-made", "size": 8192,
+                                                                  "iovas": []}
+            finally:
+                for m in made:
+                    m.close()
         finally:
             for m in memfds:
                 m.close()
@@ -322,5 +334,16 @@ class TestPreserveManyRetrieveMany:
                         assert m.read_all() == f"batch-data-{t}".encode()
             finally:
                 for fd in fds:
+                    fd.close()
+            made = s.retrieve_many(range(self.MADE, self.MADE + self.N))  # size and contents carried across
+            try:
+                expected = [f"made-{i}".encode().ljust(8192, b"\0") for i in range(self.N)]
+                Memfd.verify_many(made, expected)
+                expected[7] = b"made-7"  # the size is part of the contents compared
+                with pytest.raises(ContentMismatch, match=f"file {self.MADE + 7:#x} of session") as info:
+                    Memfd.verify_many(made, expected)
+                assert info.value.index == 7
+            finally:
+                for fd in made:
                     fd.close()
             s.finish()
