@@ -399,61 +399,173 @@ static int too_wide_any(const uint64_t *v, uint64_t n, long width)
 static void load_block(uint64_t base, long width, uint64_t n, const uint64_t *o, uint64_t *d);
 static void store_block(uint64_t base, long width, uint64_t n, const uint64_t *o, const uint64_t *v);
 
-/* Window.read_block(width, n, offsets, out, result, closed) -> result: the loop of a
-   RegisterBlock's read, offsets checked when the block was made; closed() (which raises)
-   once the window is closed. */
-static PyObject *window_read_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    Window *w = (Window *)self;
-    long width;
-    uint64_t n, offs, out;
-    if (!nargs_is("read_block", nargs, 6) || long_of(args[0], &width) || u64_of(args[1], &n)
-        || u64_of(args[2], &offs) || u64_of(args[3], &out))
-        return NULL;
-    if (w->size < 0)
-        return PyObject_CallObject(args[5], NULL);
-    load_block(w->base, width, n, (const uint64_t *)(uintptr_t)offs, (uint64_t *)(uintptr_t)out);
-    Py_INCREF(args[4]);
-    return args[4];
-}
+static int width_ok(long width);
+static PyTypeObject *Window_Type; /* set when the module is made */
 
-/* Window.write_block(width, n, offsets, values, fill, closed, too_wide[, new_values]):
-   fill(new_values) first when given (it copies them into values, or raises); then every
-   value checked to fit width (too_wide(i), which raises, for the first that does not:
-   nothing written), then the stores in order. */
-static PyObject *window_write_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    Window *w = (Window *)self;
+/* Block(window, width, n, offsets, values, result, fill, closed, too_wide): the C half of a
+   RegisterBlock, n registers of one width at the n offsets (a uint64 array, checked when the
+   block was made) of a Window, with a uint64 values array; both arrays belong to the
+   RegisterBlock, which the bound methods fill, closed and too_wide keep alive. read() and
+   write() take no argument parsing beyond that: one call, the loop in C. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *window; /* the Window: its base, and size -1 once closed */
     long width;
-    uint64_t n, offs, vals, i;
-    if ((nargs != 7 && nargs != 8) || long_of(args[0], &width) || u64_of(args[1], &n)
-        || u64_of(args[2], &offs) || u64_of(args[3], &vals)) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "write_block() takes 7 or 8 arguments");
+    uint64_t n;
+    const uint64_t *offsets;
+    uint64_t *values;
+    PyObject *result;   /* what read() returns: the memoryview of values */
+    PyObject *fill;     /* fill(new_values): copies them into values, or raises */
+    PyObject *closed;   /* closed(): raises the named error once the BAR is closed */
+    PyObject *too_wide; /* too_wide(i): raises the named error for value i */
+} Block;
+
+static PyObject *block_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *window, *result, *fill, *closed, *too_wide;
+    long width;
+    unsigned long long n, offs, vals;
+    if (!PyArg_ParseTuple(args, "OlKKKOOOO:Block", &window, &width, &n, &offs, &vals, &result, &fill, &closed,
+                          &too_wide))
+        return NULL;
+    if (!width_ok(width))
+        return NULL;
+    if (!offs || !vals || !Window_Type || !PyObject_TypeCheck(window, Window_Type)) {
+        PyErr_SetString(PyExc_TypeError, "Block: a Window and the addresses of two arrays");
         return NULL;
     }
-    if (w->size < 0)
-        return PyObject_CallObject(args[5], NULL);
-    if (nargs == 8) {
-        PyObject *r = PyObject_CallFunctionObjArgs(args[4], args[7], NULL);
+    allocfunc alloc = (allocfunc)PyType_GetSlot(type, Py_tp_alloc);
+    Block *b = (Block *)alloc(type, 0);
+    if (!b)
+        return NULL;
+    b->width = width, b->n = n;
+    b->offsets = (const uint64_t *)(uintptr_t)offs, b->values = (uint64_t *)(uintptr_t)vals;
+    Py_INCREF(window), Py_INCREF(result), Py_INCREF(fill), Py_INCREF(closed), Py_INCREF(too_wide);
+    b->window = window, b->result = result, b->fill = fill, b->closed = closed, b->too_wide = too_wide;
+    return (PyObject *)b;
+}
+
+static int block_traverse(PyObject *self, visitproc visit, void *arg)
+{
+    Block *b = (Block *)self;
+    Py_VISIT(b->window);
+    Py_VISIT(b->result);
+    Py_VISIT(b->fill);
+    Py_VISIT(b->closed);
+    Py_VISIT(b->too_wide);
+    Py_VISIT(Py_TYPE(self));
+    return 0;
+}
+
+static int block_clear(PyObject *self)
+{
+    Block *b = (Block *)self;
+    Py_CLEAR(b->window);
+    Py_CLEAR(b->result);
+    Py_CLEAR(b->fill);
+    Py_CLEAR(b->closed);
+    Py_CLEAR(b->too_wide);
+    return 0;
+}
+
+static void block_dealloc(PyObject *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    block_clear(self);
+    freefunc tp_free = (freefunc)PyType_GetSlot(type, Py_tp_free);
+    tp_free(self);
+    Py_DECREF(type);
+}
+
+/* The Window, if it is still mapped; NULL after calling closed() (which raises) otherwise.
+   A Block cleared by the collector counts as closed. */
+static Window *block_window(Block *b)
+{
+    Window *w = (Window *)b->window;
+    if (w && w->size >= 0)
+        return w;
+    if (!b->closed) {
+        PyErr_SetString(PyExc_ValueError, "register block cleared");
+        return NULL;
+    }
+    PyObject *r = PyObject_CallObject(b->closed, NULL);
+    Py_XDECREF(r);
+    if (r && !PyErr_Occurred())
+        PyErr_SetString(PyExc_ValueError, "the BAR is closed");
+    return NULL;
+}
+
+/* Block.read() -> result: every register, in order, into values */
+static PyObject *block_read(PyObject *self, PyObject *unused)
+{
+    Block *b = (Block *)self;
+    Window *w = block_window(b);
+    if (!w)
+        return NULL;
+    load_block(w->base, b->width, b->n, b->offsets, b->values);
+    Py_INCREF(b->result);
+    return b->result;
+}
+
+/* Block.write([new_values]): fill(new_values) first when given; then every value checked to
+   fit width (too_wide(i), which raises, for the first that does not: nothing written), then
+   the stores in order. */
+static PyObject *block_write(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Block *b = (Block *)self;
+    uint64_t i;
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "write() takes at most one argument (the values)");
+        return NULL;
+    }
+    Window *w = block_window(b);
+    if (!w)
+        return NULL;
+    if (nargs == 1) {
+        PyObject *r = PyObject_CallFunctionObjArgs(b->fill, args[0], NULL);
         if (!r)
             return NULL;
         Py_DECREF(r);
+        if (!(w = block_window(b))) /* fill ran Python code: the BAR may be closed by now */
+            return NULL;
     }
-    const uint64_t *v = (const uint64_t *)(uintptr_t)vals;
-    if (width < 8 && too_wide_any(v, n, width))
-        for (i = 0; i < n; i++)
-            if (v[i] >> (8 * width)) {
+    const uint64_t *v = b->values;
+    if (b->width < 8 && too_wide_any(v, b->n, b->width))
+        for (i = 0; i < b->n; i++)
+            if (v[i] >> (8 * b->width)) {
                 PyObject *idx = PyLong_FromUnsignedLongLong(i), *r;
                 if (!idx)
                     return NULL;
-                r = PyObject_CallFunctionObjArgs(args[6], idx, NULL);
+                r = PyObject_CallFunctionObjArgs(b->too_wide, idx, NULL);
                 Py_DECREF(idx);
                 return r;
             }
-    store_block(w->base, width, n, (const uint64_t *)(uintptr_t)offs, v);
+    store_block(w->base, b->width, b->n, b->offsets, v);
     Py_RETURN_NONE;
 }
+
+static PyMethodDef block_methods[] = {
+    {"read", block_read, METH_NOARGS, "read() -> the values memoryview, every register read into it in order"},
+    {"write", (PyCFunction)(void (*)(void))(fastcall_fn)block_write, METH_FASTCALL,
+     "write([values]): values copied in first when given; every value checked, then stored in order"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot block_slots[] = {
+    {Py_tp_new, block_new},
+    {Py_tp_dealloc, block_dealloc},
+    {Py_tp_traverse, block_traverse},
+    {Py_tp_clear, block_clear},
+    {Py_tp_methods, block_methods},
+    {Py_tp_doc, "Block(window, width, n, offsets, values, result, fill, closed, too_wide): a RegisterBlock's loops"},
+    {0, NULL},
+};
+
+static PyType_Spec block_spec = {
+    "pyvfio_lu._speedups.Block", sizeof(Block), 0,
+    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, block_slots,
+};
 
 #define WFAST(name, fn, doc) {name, (PyCFunction)(void (*)(void))(fastcall_fn)fn, METH_FASTCALL, doc}
 
@@ -462,9 +574,6 @@ static PyMethodDef window_methods[] = {
     {"read32", w_read32, METH_O, "read32(offset)"}, {"read64", w_read64, METH_O, "read64(offset)"},
     WFAST("write8", w_write8, "write8(offset, value)"), WFAST("write16", w_write16, "write16(offset, value)"),
     WFAST("write32", w_write32, "write32(offset, value)"), WFAST("write64", w_write64, "write64(offset, value)"),
-    WFAST("read_block", window_read_block, "read_block(width, n, offsets, out, result, closed) -> result"),
-    WFAST("write_block", window_write_block,
-          "write_block(width, n, offsets, values, fill, closed, too_wide[, new_values])"),
     WFAST("poll", window_poll, "poll(offset, width, mask, want, timeout_ns) -> (matched, last, reads), or None"),
     {"close", window_close, METH_NOARGS, "every later access goes to the fallbacks"},
     {NULL, NULL, 0, NULL},
@@ -811,12 +920,19 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__speedups(void)
 {
-    PyObject *m = PyModule_Create(&module), *window;
+    PyObject *m = PyModule_Create(&module), *window, *block;
     if (!m)
         return NULL;
     window = PyType_FromSpec(&window_spec);
     if (!window || PyModule_AddObject(m, "Window", window) < 0) {
         Py_XDECREF(window);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Window_Type = (PyTypeObject *)window; /* the module holds it for as long as the process runs */
+    block = PyType_FromSpec(&block_spec);
+    if (!block || PyModule_AddObject(m, "Block", block) < 0) {
+        Py_XDECREF(block);
         Py_DECREF(m);
         return NULL;
     }

@@ -264,8 +264,8 @@ class RegisterBlock:
     what you keep) and returns it. ``write(values=None)`` writes ``values`` (a sequence of as
     many ints, copied into :attr:`values` first) or :attr:`values` as it is, in order; every
     value is checked to fit ``width`` bytes before the first store, and nothing is written
-    when one does not (ArgumentOutOfRange names it). Both are builtin methods of the BAR's
-    mapping bound to the block: one call each, the loop in C, no Python object per register.
+    when one does not (ArgumentOutOfRange names it). Both are builtin methods of the
+    block's ``_speedups.Block``: one call each, the loop in C, no Python object per register.
     Once the BAR is closed both raise InvalidArgument."""
 
     __slots__ = ("bar", "width", "_n", "_offsets", "_values", "values", "read", "write")
@@ -286,9 +286,9 @@ class RegisterBlock:
         self._values = ffi.new("uint64_t[]", n or 1)
         self.values = memoryview(ffi.buffer(self._values, 8 * n)).cast("B").cast("Q")
         at_offsets, at_values = _address(self._offsets), _address(self._values)
-        self.read = partial(window.read_block, width, n, at_offsets, at_values, self.values, self._closed)
-        self.write = partial(window.write_block, width, n, at_offsets, at_values, self._fill, self._closed,
-                             self._too_wide)
+        loops = _speedups.Block(window, width, n, at_offsets, at_values, self.values, self._fill, self._closed,
+                                self._too_wide)
+        self.read, self.write = loops.read, loops.write
 
     def __len__(self) -> int:
         return self._n

@@ -13,6 +13,7 @@ import pytest
 
 from pyvfio_lu import _speedups
 from pyvfio_lu._cffi import ffi
+from pyvfio_lu._speedups import Block
 from pyvfio_lu.ioctl import layout, template
 
 SIZE = 64
@@ -84,25 +85,59 @@ def test_poll_matches_at_once_times_out_and_refuses_a_bad_offset(window):
         w.poll(0, 3, 1, 1, 0)
 
 
-def test_window_blocks_read_in_order_and_write_only_values_that_fit(window):
+def test_block_reads_in_order_and_writes_only_values_that_fit(window):
     w, memory, _calls = window
-    offsets, out, result = array("Q", [8, 0, 8]), array("Q", [0, 0, 0]), object()
+    offsets, values, result = array("Q", [8, 0, 8]), array("Q", [0, 0, 0]), object()
     addr = lambda a: a.buffer_info()[0]  # noqa: E731
-    closed = lambda: pytest.fail("not closed")  # noqa: E731
-    assert w.read_block(4, 3, addr(offsets), addr(out), result, closed) is result
+    filled, wide = [], []
+
+    def closed():
+        raise ConnectionAbortedError("closed")
+
+    def fill(new):
+        filled.append(new)
+        values[0], values[1], values[2] = new
+
+    block = Block(w, 4, 3, addr(offsets), addr(values), result, fill, closed, wide.append)
+    assert block.read() is result
     at8, at0 = struct.unpack_from("=I", memory, 8)[0], struct.unpack_from("=I", memory, 0)[0]
-    assert list(out) == [at8, at0, at8]
-    values, wide = array("Q", [1, 2, 3]), []
-    w.write_block(4, 3, addr(offsets), addr(values), None, closed, wide.append)
+    assert list(values) == [at8, at0, at8]
+    values[0], values[1], values[2] = 1, 2, 3
+    assert block.write() is None
     assert struct.unpack_from("=I", memory, 8)[0] == 3 and struct.unpack_from("=I", memory, 0)[0] == 2
     values[1] = 2**32
-    w.write_block(4, 3, addr(offsets), addr(values), None, closed, wide.append)
+    block.write()
     assert wide == [1] and struct.unpack_from("=I", memory, 8)[0] == 3  # nothing written
-    filled = []
-    w.write_block(4, 3, addr(offsets), addr(values), filled.append, closed, wide.append, "new")
-    assert filled == ["new"]
+    block.write((7, 8, 9))
+    assert filled == [(7, 8, 9)] and struct.unpack_from("=I", memory, 0)[0] == 8
+    with pytest.raises(TypeError):
+        block.write(1, 2)
     w.close()
-    assert w.read_block(4, 3, addr(offsets), addr(out), result, lambda: "closed") == "closed"
+    with pytest.raises(ConnectionAbortedError):
+        block.read()
+    with pytest.raises(ConnectionAbortedError):
+        block.write((1, 2, 3))
+    assert filled == [(7, 8, 9)]  # nothing filled once closed
+    quiet = Block(w, 4, 3, addr(offsets), addr(values), result, fill, lambda: None, wide.append)
+    with pytest.raises(ValueError, match="closed"):  # a closed() that does not raise still stops the access
+        quiet.read()
+
+
+@pytest.mark.parametrize("args", [
+    ("not a window", 4, 1, 8, 8),
+    (None, 4, 1, 8, 8),
+])
+def test_block_wants_a_window_and_two_arrays(window, args):
+    with pytest.raises(TypeError, match="Window"):
+        Block(*args, None, None, None, None)
+
+
+def test_block_checks_width_and_addresses(window):
+    w, _memory, _calls = window
+    with pytest.raises(ValueError, match="width"):
+        Block(w, 3, 1, 8, 8, None, None, None, None)
+    with pytest.raises(TypeError, match="Window"):
+        Block(w, 4, 1, 0, 8, None, None, None, None)
 
 
 def test_first_overlap_and_sum():
