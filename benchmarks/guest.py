@@ -172,6 +172,11 @@ def _loop_read32_memoryview(view: memoryview, n: int) -> None:
         view[0]
 
 
+def _loop_read32_regs(regs: Any, n: int) -> None:
+    for _ in range(n):
+        regs[0]
+
+
 def _loop_poll(bar: Bar, want: int, n: int) -> None:
     for _ in range(n):
         bar.poll(0, 0xFFFFFFFF, want, 1.0)
@@ -272,6 +277,8 @@ def py_device(cfg: Config) -> dict[str, dict[str, Any]]:
         # (no exact-width guarantee: CPython happens to load 4 bytes for an "I" item)
         view = memoryview(ffi.buffer(bar._ptr, bar.size)).cast("I")
         out["mmio_read32_memoryview"] = _time(_loop_read32_memoryview, n, r, view)
+        # the library's subscript form, taken once as the view is: exact width, no call
+        out["mmio_read32_regs"] = _time(_loop_read32_regs, n, r, bar.regs32)
         view.release()
         out["mmio_poll"] = _time(_loop_poll, cfg.ioctl_iters, r, bar, edu.ID)
         out["python_loop"] = _time(_loop_empty, n, r)

@@ -94,8 +94,12 @@ def rows(results: dict[str, Any]) -> list[Row]:
             "mmio_read32_memoryview", "mmio_read32", None, "op"),
         Row("mmio_read32_vs_floor", "floor", "`bar.read32(0)` **against the cffi floor**", "mmio_read32",
             "mmio_read32_floor", 2.0, "op", "python"),
-        Row("mmio_read32_vs_memoryview", "floor", "`bar.read32(0)` **against the memoryview idiom** (no slower)",
-            "mmio_read32", "mmio_read32_memoryview", 1.0, "op", "python"),
+        Row("mmio_read32_regs", "mmio", "MMIO read32: `regs[0]` (`regs = bar.regs32`, exact width by subscript)",
+            "mmio_read32_regs", "mmio_read32", None, "op"),
+        Row("mmio_read32_vs_memoryview", "floor", "`bar.read32(0)` (a call) against the memoryview idiom (a subscript)",
+            "mmio_read32", "mmio_read32_memoryview", None, "op", "python"),
+        Row("mmio_regs32_vs_memoryview", "floor", "`regs[0]` (`bar.regs32`) **against the memoryview idiom** (no slower)",
+            "mmio_read32_regs", "mmio_read32_memoryview", 1.0, "op", "python"),
         Row("mmio_read_block", "mmio", "MMIO block read: `bar.read_block(256 offsets, out=...)` (arrays), per access",
             "mmio_read_block", "mmio_block_read", None, "op"),
         Row("mmio_write_block", "mmio", "MMIO block write: `bar.write_block(256 offsets, values)` (arrays), per access",
@@ -322,6 +326,7 @@ def analysis(results: dict[str, Any]) -> list[str]:
             "floor; a closed session's fd reads -1, so the error is named on the failure path only."
             f"{_top(results, 'ioctl_get_name')}")
     rd, rdf, mv = _row(results, "mmio_read32"), _row(results, "mmio_read32_floor"), _row(results, "mmio_read32_memoryview")
+    rg = _row(results, "mmio_read32_regs")
     if rd and rdf:
         extra = f" (the bare `for` loop is {fmt_ns(loop)} of each)" if loop else ""
         out.append(
@@ -332,6 +337,9 @@ def analysis(results: dict[str, Any]) -> list[str]:
             f"the cffi floor `lib.pvl_mmio_read32` takes {fmt_ns(rdf['python_median_ns'])}"
             + (f" and the memoryview idiom {fmt_ns(mv['python_median_ns'])}, which is one subscript with no call at "
                "all: the call of a builtin is the whole difference." if mv else ".")
+            + (f" The library's own subscript form, `regs[0]` with `regs = bar.regs32` (a `_speedups.Registers`: "
+               "the same checks and the same exact 32-bit load, in the mapping's `mp_subscript` slot), takes "
+               f"{fmt_ns(rg['python_median_ns'])}." if rg else "")
             + f"{_top(results, 'mmio_read32')} A register block costs one such call plus the loop in C, "
             "against bench.c's loop over the same offsets array into the same uint64 values array (the "
             "single-register rows' C loop reads one fixed address, two memory accesses fewer per register, "

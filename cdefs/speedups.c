@@ -402,6 +402,122 @@ static void store_block(uint64_t base, long width, uint64_t n, const uint64_t *o
 static int width_ok(long width);
 static PyTypeObject *Window_Type; /* set when the module is made */
 
+/* Registers(window, width): the registers of one width of a Window by subscript, offsets
+   in bytes: regs[offset] reads, regs[offset] = value writes, each one volatile access of
+   exactly that width, checked as the Window's readN/writeN check it (anything else goes to
+   the same fallbacks, which name the error). A subscript is the interpreter's quickest
+   operation on an object (no call), as a memoryview's is. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *window;
+    int width;
+} Registers;
+
+static PyObject *registers_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *window;
+    long width;
+    if (!PyArg_ParseTuple(args, "Ol:Registers", &window, &width) || !width_ok(width))
+        return NULL;
+    if (!Window_Type || !PyObject_TypeCheck(window, Window_Type)) {
+        PyErr_SetString(PyExc_TypeError, "Registers: a Window and a width");
+        return NULL;
+    }
+    allocfunc alloc = (allocfunc)PyType_GetSlot(type, Py_tp_alloc);
+    Registers *r = (Registers *)alloc(type, 0);
+    if (!r)
+        return NULL;
+    Py_INCREF(window);
+    r->window = window, r->width = (int)width;
+    return (PyObject *)r;
+}
+
+static int registers_traverse(PyObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(((Registers *)self)->window);
+    Py_VISIT(Py_TYPE(self));
+    return 0;
+}
+
+static int registers_clear(PyObject *self)
+{
+    Py_CLEAR(((Registers *)self)->window);
+    return 0;
+}
+
+static void registers_dealloc(PyObject *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    registers_clear(self);
+    freefunc tp_free = (freefunc)PyType_GetSlot(type, Py_tp_free);
+    tp_free(self);
+    Py_DECREF(type);
+}
+
+static PyObject *registers_get(PyObject *self, PyObject *offset)
+{
+    Registers *r = (Registers *)self;
+    if (!r->window) {
+        PyErr_SetString(PyExc_ValueError, "registers cleared");
+        return NULL;
+    }
+    return window_read((Window *)r->window, offset, r->width);
+}
+
+static int registers_set(PyObject *self, PyObject *offset, PyObject *value)
+{
+    Registers *r = (Registers *)self;
+    PyObject *args[2] = {offset, value}, *done;
+    if (!value) {
+        PyErr_SetString(PyExc_TypeError, "a register cannot be deleted");
+        return -1;
+    }
+    if (!r->window) {
+        PyErr_SetString(PyExc_ValueError, "registers cleared");
+        return -1;
+    }
+    done = window_write((Window *)r->window, args, 2, r->width, "write");
+    if (!done)
+        return -1;
+    Py_DECREF(done);
+    return 0;
+}
+
+static PyObject *registers_iter(PyObject *self)
+{
+    PyErr_SetString(PyExc_TypeError, "registers are not iterable: subscript them by offset, or read a block");
+    return NULL;
+}
+
+static PyObject *registers_get_width(PyObject *self, void *closure)
+{
+    return PyLong_FromLong(((Registers *)self)->width);
+}
+
+static PyGetSetDef registers_getset[] = {
+    {"width", registers_get_width, NULL, "bytes per register", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot registers_slots[] = {
+    {Py_tp_new, registers_new},
+    {Py_tp_dealloc, registers_dealloc},
+    {Py_tp_traverse, registers_traverse},
+    {Py_tp_clear, registers_clear},
+    {Py_mp_subscript, registers_get},
+    {Py_mp_ass_subscript, registers_set},
+    {Py_tp_iter, registers_iter},
+    {Py_tp_getset, registers_getset},
+    {Py_tp_doc, "Registers(window, width): regs[offset] reads, regs[offset] = value writes (exact width)"},
+    {0, NULL},
+};
+
+static PyType_Spec registers_spec = {
+    "pyvfio_lu._speedups.Registers", sizeof(Registers), 0,
+    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, registers_slots,
+};
+
 /* Block(window, width, n, offsets, values, result, fill, closed, too_wide): the C half of a
    RegisterBlock, n registers of one width at the n offsets (a uint64 array, checked when the
    block was made) of a Window, with a uint64 values array; both arrays belong to the
@@ -920,7 +1036,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__speedups(void)
 {
-    PyObject *m = PyModule_Create(&module), *window, *block;
+    PyObject *m = PyModule_Create(&module), *window, *block, *registers;
     if (!m)
         return NULL;
     window = PyType_FromSpec(&window_spec);
@@ -933,6 +1049,12 @@ PyMODINIT_FUNC PyInit__speedups(void)
     block = PyType_FromSpec(&block_spec);
     if (!block || PyModule_AddObject(m, "Block", block) < 0) {
         Py_XDECREF(block);
+        Py_DECREF(m);
+        return NULL;
+    }
+    registers = PyType_FromSpec(&registers_spec);
+    if (!registers || PyModule_AddObject(m, "Registers", registers) < 0) {
+        Py_XDECREF(registers);
         Py_DECREF(m);
         return NULL;
     }

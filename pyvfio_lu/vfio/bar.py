@@ -32,7 +32,13 @@ class Bar:
     its ``_speedups.Window`` (one call: bounds, alignment and the value's width checked in
     C, then the volatile access); otherwise, and after :meth:`close`, :meth:`read` /
     :meth:`write` with that width. Any offset or value the fast path does not take goes to
-    :meth:`read` / :meth:`write`, which raise the named error."""
+    :meth:`read` / :meth:`write`, which raise the named error.
+
+    ``regs8``/``regs16``/``regs32``/``regs64`` are the same accesses by subscript, offsets in
+    bytes: ``bar.regs32[0x80]`` reads, ``bar.regs32[0x80] = value`` writes, exactly 32 bits
+    each (for a BAR mapped in one piece a ``_speedups.Registers`` over the Window, the
+    quickest form from Python: a subscript is no call, as with a ``memoryview`` of the BAR,
+    which guarantees no access width)."""
 
     read8: Callable[[int], int]
     read16: Callable[[int], int]
@@ -42,6 +48,10 @@ class Bar:
     write16: Callable[[int, int], None]
     write32: Callable[[int, int], None]
     write64: Callable[[int, int], None]
+    regs8: Registers
+    regs16: Registers
+    regs32: Registers
+    regs64: Registers
 
     def __init__(self, device: VfioDevice, info: RegionInfo, mmap: bool = True):
         self.device = device
@@ -67,11 +77,13 @@ class Bar:
             for width in _WIDTHS:
                 setattr(self, f"read{width * 8}", getattr(self._window, f"read{width * 8}"))
                 setattr(self, f"write{width * 8}", getattr(self._window, f"write{width * 8}"))
+                setattr(self, f"regs{width * 8}", _speedups.Registers(self._window, width))
 
     def _install_general_accessors(self) -> None:
         for width in _WIDTHS:
             setattr(self, f"read{width * 8}", partial(self.read, width=width))
             setattr(self, f"write{width * 8}", partial(self.write, width=width))
+            setattr(self, f"regs{width * 8}", _GeneralRegisters(self, width))
 
     @property
     def mapped(self) -> bool:
@@ -254,6 +266,29 @@ class Bar:
         self._maps = []
         self._ptr = None
         self._install_general_accessors()
+
+
+class _GeneralRegisters:
+    """``regs[offset]`` / ``regs[offset] = value`` through :meth:`Bar.read` / :meth:`Bar.write`
+    (a BAR not mapped in one piece, or closed): the same interface as ``_speedups.Registers``."""
+
+    __slots__ = ("_bar", "width")
+
+    def __init__(self, bar: Bar, width: int):
+        self._bar, self.width = bar, width
+
+    def __getitem__(self, offset: int) -> int:
+        return self._bar.read(offset, self.width)
+
+    def __setitem__(self, offset: int, value: int) -> None:
+        self._bar.write(offset, value, self.width)
+
+    def __iter__(self) -> None:
+        raise TypeError("registers are not iterable: subscript them by offset, or read a block")
+
+
+if TYPE_CHECKING:
+    Registers = _speedups.Registers | _GeneralRegisters
 
 
 class RegisterBlock:

@@ -261,6 +261,30 @@ def test_accessors_check_in_c_and_kept_after_close_never_touch_the_unmapped_bar(
     assert bar.read32(edu.REG_LIVENESS) == 0xF0F0F0F0
 
 
+def test_registers_by_subscript_are_the_same_exact_width_accesses(dev):
+    bar = dev.bar(0)
+    regs32, regs64 = bar.regs32, bar.regs64  # _speedups.Registers over the Window
+    assert regs32[edu.REG_ID] == edu.ID == bar.read32(edu.REG_ID)
+    regs32[edu.REG_LIVENESS] = 0x12345678  # edu answers the bitwise NOT of the last value written
+    assert regs32[edu.REG_LIVENESS] == 0xEDCBA987
+    regs64[edu.REG_DMA_SRC] = 0x1122334455667788  # a 64-bit register, one 64-bit store
+    assert regs64[edu.REG_DMA_SRC] == 0x1122334455667788
+    assert bar.regs16[edu.REG_ID] != edu.ID & 0xFFFF  # edu answers only 4-byte accesses here: really 16 bits
+    for bad in (2, -4, bar.size, 1 << 70, "0", 1.0, True):  # the general path names each one
+        with pytest.raises(errors.PyvfioError):
+            regs32[bad]
+        with pytest.raises(errors.PyvfioError):
+            regs32[bad] = 1
+    for value in (1 << 32, -1, "1", None):
+        with pytest.raises(errors.PyvfioError):
+            regs32[edu.REG_LIVENESS] = value
+    assert regs32[edu.REG_LIVENESS] == 0xEDCBA987  # nothing was stored
+    bar.close()
+    # kept registers take the general path after close (pread/pwrite on the device fd)
+    regs32[edu.REG_LIVENESS] = 0x0F0F0F0F
+    assert regs32[edu.REG_LIVENESS] == 0xF0F0F0F0 == bar.regs32[edu.REG_LIVENESS]
+
+
 def test_lean_map_unmap_and_queries_name_their_failures(dev):
     iommu = dev.iommu
     info = dev.info()

@@ -13,7 +13,7 @@ import pytest
 
 from pyvfio_lu import _speedups
 from pyvfio_lu._cffi import ffi
-from pyvfio_lu._speedups import Block
+from pyvfio_lu._speedups import Block, Registers
 from pyvfio_lu.ioctl import layout, template
 
 SIZE = 64
@@ -83,6 +83,38 @@ def test_poll_matches_at_once_times_out_and_refuses_a_bad_offset(window):
     assert w.poll(SIZE, 4, 1, 1, 0) is None and w.poll(2, 4, 1, 1, 0) is None
     with pytest.raises(ValueError):
         w.poll(0, 3, 1, 1, 0)
+
+
+def test_registers_read_and_write_by_subscript_at_exactly_their_width(window):
+    w, memory, calls = window
+    r8, r16, r32, r64 = (Registers(w, width) for width in (1, 2, 4, 8))
+    assert (r8.width, r64.width) == (1, 8)
+    assert r8[5] == 5 and r16[2] == struct.unpack_from("=H", memory, 2)[0]
+    assert r32[4] == struct.unpack_from("=I", memory, 4)[0] and r64[8] == struct.unpack_from("=Q", memory, 8)[0]
+    r16[16] = 0xBEEF
+    assert struct.unpack_from("=H", memory, 16)[0] == 0xBEEF and memory[18] == 18  # nothing past 2 bytes
+    r64[SIZE - 8] = 2**64 - 1
+    assert memory[SIZE - 8:] == b"\xff" * 8 and calls == []
+    before = bytes(memory)
+    assert r32[2] == "fallback" and r32[SIZE] == "fallback"  # misaligned, outside: the fallback names it
+    r32[0] = 2**32  # too wide for 32 bits: the fallback, nothing stored
+    assert calls == [("read", 2, 4), ("read", SIZE, 4), ("write", 0, 2**32, 4)] and bytes(memory) == before
+    with pytest.raises(TypeError, match="deleted"):
+        del r32[0]
+    with pytest.raises(TypeError, match="not iterable"):
+        iter(r32)
+    w.close()
+    assert r32[0] == "fallback"  # a closed window touches nothing
+    r32[0] = 1
+    assert calls[-2:] == [("read", 0, 4), ("write", 0, 1, 4)] and bytes(memory) == before
+
+
+def test_registers_want_a_window_and_a_width(window):
+    w, _memory, _calls = window
+    with pytest.raises(TypeError, match="Window"):
+        Registers("not a window", 4)
+    with pytest.raises(ValueError, match="width"):
+        Registers(w, 3)
 
 
 def test_block_reads_in_order_and_writes_only_values_that_fit(window):
