@@ -892,34 +892,41 @@ static int write_all(int fd, const char *data, Py_ssize_t len)
    for each bytes object of the list ``contents`` a memfd made with memfd_create(name,
    flags), sized with ftruncate(size) unless size is -1, and the bytes written at offset 0
    (step 0, 1, 2: which of those failed). On failure every fd made here is closed again. */
+/* close the first n fds of a list of ints */
+static void close_listed(PyObject *fds, Py_ssize_t n)
+{
+    for (Py_ssize_t k = 0; k < n; k++)
+        close((int)PyLong_AsLong(PyList_GetItem(fds, k)));
+}
+
 static PyObject *sp_memfd_create_many(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     long flags, size;
     Py_ssize_t n, i, made = 0;
-    const char *name;
+    int step = 0, err;
     if (!nargs_is("memfd_create_many", nargs, 4) || long_of(args[1], &flags) || long_of(args[2], &size))
         return NULL;
     if (!PyBytes_Check(args[0]) || !PyList_Check(args[3])) {
         PyErr_SetString(PyExc_TypeError, "memfd_create_many(bytes, int, int, list of bytes)");
         return NULL;
     }
-    name = PyBytes_AsString(args[0]);
+    const char *name = PyBytes_AsString(args[0]);
     n = PyList_Size(args[3]);
-    PyObject *out = PyList_New(n);
-    if (!name || !out)
-        goto fail_py;
+    PyObject *out = name ? PyList_New(n) : NULL;
+    if (!out)
+        return NULL;
     for (i = 0; i < n; i++) {
-        PyObject *item = PyList_GetItem(args[3], i);
+        PyObject *item = PyList_GetItem(args[3], i), *num;
         char *data;
         Py_ssize_t len;
-        int step = 0, fd;
-        if (PyBytes_AsStringAndSize(item, &data, &len) < 0)
+        int fd;
+        if (!item || PyBytes_AsStringAndSize(item, &data, &len) < 0)
             goto fail_py;
+        step = 0;
         fd = (int)syscall(SYS_memfd_create, name, (unsigned int)flags);
         if (fd < 0)
             goto fail_os;
-        PyObject *num = PyLong_FromLong(fd);
-        if (!num) {
+        if (!(num = PyLong_FromLong(fd))) {
             close(fd);
             goto fail_py;
         }
@@ -927,43 +934,30 @@ static PyObject *sp_memfd_create_many(PyObject *self, PyObject *const *args, Py_
         made = i + 1;
         step = 1;
         if (size >= 0 && ftruncate(fd, (off_t)size) < 0)
-            goto fail_os_step;
+            goto fail_os;
         step = 2;
-        if (len > LONG_WRITE) { /* the GIL released; the list may change meanwhile: hold the bytes */
+        if (len > LONG_WRITE) { /* the GIL released: hold the bytes, whatever happens to the list */
             Py_INCREF(item);
             PyThreadState *ts = PyEval_SaveThread();
-            errno = write_all(fd, data, len);
+            err = write_all(fd, data, len);
             PyEval_RestoreThread(ts);
             Py_DECREF(item);
         } else
-            errno = write_all(fd, data, len);
-        if (errno)
-            goto fail_os_step;
-        continue;
-    fail_os_step:
-        {
-            int err = errno;
-            for (Py_ssize_t k = 0; k < made; k++)
-                close((int)PyLong_AsLong(PyList_GetItem(out, k)));
-            Py_DECREF(out);
-            return Py_BuildValue("(inn)", -err, i, (Py_ssize_t)step);
+            err = write_all(fd, data, len);
+        if (err) {
+            errno = err;
+            goto fail_os;
         }
     }
     return out;
-fail_os:
-    {
-        int err = errno;
-        for (Py_ssize_t k = 0; k < made; k++)
-            close((int)PyLong_AsLong(PyList_GetItem(out, k)));
-        Py_DECREF(out);
-        return Py_BuildValue("(inn)", -err, i, (Py_ssize_t)0);
-    }
+fail_os: /* every fd made here closed again; (-errno, index, step) */
+    err = errno;
+    close_listed(out, made);
+    Py_DECREF(out);
+    return Py_BuildValue("(inn)", -err, i, (Py_ssize_t)step);
 fail_py:
-    if (out) {
-        for (Py_ssize_t k = 0; k < made; k++)
-            close((int)PyLong_AsLong(PyList_GetItem(out, k)));
-        Py_DECREF(out);
-    }
+    close_listed(out, made);
+    Py_DECREF(out);
     return NULL;
 }
 
@@ -986,7 +980,8 @@ static PyObject *sp_first_mismatch(PyObject *self, PyObject *const *args, Py_ssi
         char *want;
         Py_ssize_t len;
         ssize_t got;
-        if (fd_of(PyList_GetItem(args[0], i), &fd) || PyBytes_AsStringAndSize(PyList_GetItem(args[1], i), &want, &len) < 0) {
+        PyObject *fd_item = PyList_GetItem(args[0], i), *expected = PyList_GetItem(args[1], i);
+        if (!fd_item || !expected || fd_of(fd_item, &fd) || PyBytes_AsStringAndSize(expected, &want, &len) < 0) {
             free(buf);
             return NULL;
         }
@@ -998,10 +993,20 @@ static PyObject *sp_first_mismatch(PyObject *self, PyObject *const *args, Py_ssi
             }
             buf = grown, cap = len + 1;
         }
+        PyThreadState *ts = NULL;
+        if (len > LONG_WRITE) { /* a long read without the GIL: hold the expected bytes meanwhile */
+            Py_INCREF(expected);
+            ts = PyEval_SaveThread();
+        }
         do
             got = fd < 0 ? -1 : pread((int)fd, buf, (size_t)(len + 1), 0);
         while (got < 0 && errno == EINTR);
-        if (got != len || memcmp(buf, want, (size_t)len) != 0)
+        int differs = got != len || memcmp(buf, want, (size_t)len) != 0;
+        if (ts) {
+            PyEval_RestoreThread(ts);
+            Py_DECREF(expected);
+        }
+        if (differs)
             break;
     }
     free(buf);

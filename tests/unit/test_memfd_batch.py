@@ -52,6 +52,10 @@ def test_create_many_larger_than_a_gil_free_write():
     (m,) = Memfd.create_many([big], "big")
     with m:
         assert m.read_all() == big
+        Memfd.verify_many([m], [big])  # read and compared without the GIL
+        with pytest.raises(ContentMismatch) as info:
+            Memfd.verify_many([m], [big[:-1] + bytes([big[-1] ^ 1])])
+        assert info.value.index == 0
 
 
 @pytest.mark.parametrize(("args", "kwargs", "message"), [
