@@ -462,7 +462,7 @@ def py_lu_preserve_batch(session_name: str, files: int) -> tuple[int, Session]:
     t0 = ns()
     with LiveUpdate() as lu:
         session = lu.create_session(session_name)
-        memfds = Memfd.create_many([memfd_data(i) for i in range(files)], "bench", size=4096)
+        memfds = Memfd.create_many([memfd_data(i) for i in range(files)], name="bench", size=4096)
         try:
             session.preserve_many([(m, i) for i, m in enumerate(memfds)])
         finally:

@@ -243,6 +243,18 @@ static void mmio_store(uintptr_t at, int width, uint64_t v)
    builtin methods: one call, no Python frame). close() turns every access into a call of
    the fallback (the Bar's general read/write, which raises the named error), so an
    accessor kept after the Bar is closed never touches the unmapped BAR. */
+/* The dealloc of the heap types here, which take part in the cyclic GC: untrack, drop the
+   references (the type's clear), free, release the type. */
+static void gc_dealloc(PyObject *self, inquiry clear)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    clear(self);
+    freefunc tp_free = (freefunc)PyType_GetSlot(type, Py_tp_free);
+    tp_free(self);
+    Py_DECREF(type);
+}
+
 typedef struct {
     PyObject_HEAD
     uintptr_t base;
@@ -359,12 +371,7 @@ static int window_clear(PyObject *self)
 
 static void window_dealloc(PyObject *self)
 {
-    PyTypeObject *type = Py_TYPE(self);
-    PyObject_GC_UnTrack(self);
-    window_clear(self);
-    freefunc tp_free = (freefunc)PyType_GetSlot(type, Py_tp_free);
-    tp_free(self);
-    Py_DECREF(type);
+    gc_dealloc(self, window_clear);
 }
 
 static PyObject *window_close(PyObject *self, PyObject *unused)
@@ -447,12 +454,7 @@ static int registers_clear(PyObject *self)
 
 static void registers_dealloc(PyObject *self)
 {
-    PyTypeObject *type = Py_TYPE(self);
-    PyObject_GC_UnTrack(self);
-    registers_clear(self);
-    freefunc tp_free = (freefunc)PyType_GetSlot(type, Py_tp_free);
-    tp_free(self);
-    Py_DECREF(type);
+    gc_dealloc(self, registers_clear);
 }
 
 static PyObject *registers_get(PyObject *self, PyObject *offset)
@@ -586,12 +588,7 @@ static int block_clear(PyObject *self)
 
 static void block_dealloc(PyObject *self)
 {
-    PyTypeObject *type = Py_TYPE(self);
-    PyObject_GC_UnTrack(self);
-    block_clear(self);
-    freefunc tp_free = (freefunc)PyType_GetSlot(type, Py_tp_free);
-    tp_free(self);
-    Py_DECREF(type);
+    gc_dealloc(self, block_clear);
 }
 
 /* The Window, if it is still mapped; NULL after calling closed() (which raises) otherwise.

@@ -123,7 +123,7 @@ class Memfd(OwnedFd):
         return self
 
     @classmethod
-    def create_many(cls, contents: Sequence[bytes | bytearray | memoryview], name: str = "pyvfio-lu",
+    def create_many(cls, contents: Sequence[bytes | bytearray | memoryview], *, name: str = "pyvfio-lu",
                     size: int | None = None, sealing: bool = True) -> list[Memfd]:
         """One memfd per item of ``contents``, each made as :meth:`create` makes one (``name``,
         ``size`` and ``sealing`` shared by all), the loop in C: one call for the lot.

@@ -330,7 +330,8 @@ class TestPreserveManyRetrieveMany:
             s.preserve_many((m, t) for t, m in enumerate(memfds) if t >= 2)
             assert sorted(s.preserved) == list(range(self.N))
             # memfds made in one call are preserved and recorded as those made one by one
-            made = Memfd.create_many([f"made-{i}".encode() for i in range(self.N)], "batch-made", size=8192)
+            made = Memfd.create_many([f"made-{i}".encode() for i in range(self.N)], name="batch-made",
+                                          size=8192)
             try:
                 s.preserve_many((m, self.MADE + t) for t, m in enumerate(made))
                 rec = dict(made[1].ledger_record(), iovas=[])

@@ -161,7 +161,7 @@ def _rows():
         ("Memfd.create(name)", lambda o, v: Memfd.create(v), [None, 5, [], "\0", "x" * 300]),
         ("Memfd.create(size)", lambda o, v: Memfd.create("x", size=v), NOT_INTS[1:] + OUT_OF_RANGE),
         ("Memfd.create_many(contents)", lambda o, v: Memfd.create_many(v), [None, 5, b"x", "text", [None], [b"x", 5]]),
-        ("Memfd.create_many(name)", lambda o, v: Memfd.create_many([b"x"], v), [None, 5, [], "\0", "x" * 300]),
+        ("Memfd.create_many(name)", lambda o, v: Memfd.create_many([b"x"], name=v), [None, 5, [], "\0", "x" * 300]),
         ("Memfd.create_many(size)", lambda o, v: Memfd.create_many([b"x"], size=v), NOT_INTS[1:] + OUT_OF_RANGE),
         ("Memfd.verify_many(files)", lambda o, v: Memfd.verify_many(v, [b"data"]),
          [None, 5, "x", [None], [-1], [2**64], [1.5], []]),

@@ -21,7 +21,7 @@ def _open_fds() -> set[int]:
 
 def test_create_many_makes_one_memfd_per_content_as_create_does():
     contents = [b"", b"a", b"file-data-2", bytearray(b"ba"), memoryview(b"mv")]
-    made = Memfd.create_many(contents, "batch", size=64)
+    made = Memfd.create_many(contents, name="batch", size=64)
     try:
         assert [type(m) for m in made] == [Memfd] * 5
         for m, data in zip(made, contents):
@@ -49,7 +49,7 @@ def test_create_many_without_size_or_sealing_and_of_nothing():
 
 def test_create_many_larger_than_a_gil_free_write():
     big = os.urandom(3 << 20)
-    (m,) = Memfd.create_many([big], "big")
+    (m,) = Memfd.create_many([big], name="big")
     with m:
         assert m.read_all() == big
         Memfd.verify_many([m], [big])  # read and compared without the GIL
@@ -81,7 +81,7 @@ def test_create_many_refused_midway_closes_what_it_made_and_names_the_item():
     before = set(os.listdir('/proc/self/fd'))
     resource.setrlimit(resource.RLIMIT_NOFILE, (len(before) + 40, len(before) + 40))
     try:
-        Memfd.create_many([b'x'] * 100, 'limited')
+        Memfd.create_many([b'x'] * 100, name='limited')
     except PyvfioError as exc:
         print(type(exc).__name__, exc.errno, exc.index, set(os.listdir('/proc/self/fd')) == before)
         print(exc)
@@ -95,7 +95,7 @@ def test_create_many_refused_midway_closes_what_it_made_and_names_the_item():
 
 
 def test_verify_many_accepts_matching_files_of_any_kind():
-    made = Memfd.create_many([b"one", b"two", b"three"], "v")
+    made = Memfd.create_many([b"one", b"two", b"three"], name="v")
     try:
         owned = OwnedFd(os.dup(made[1].fileno()), "a dup")
         with owned:
@@ -113,7 +113,7 @@ def test_verify_many_accepts_matching_files_of_any_kind():
     ([b"one", b"two"], [b"on", b"two"], 0),
 ])
 def test_verify_many_names_the_first_file_that_differs(contents, expected, index):
-    made = Memfd.create_many(contents, "v")
+    made = Memfd.create_many(contents, name="v")
     try:
         with pytest.raises(ContentMismatch, match=r"memfd 'v'.*contents differ") as info:
             Memfd.verify_many(made, expected)
